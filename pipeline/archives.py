@@ -1,0 +1,150 @@
+"""Safe extraction of `.zip` and `.tar(.gz)` archives.
+
+Entries that would land outside the target folder (`../`, absolute paths), links and
+device files are refused, and the number and total size of entries are bounded, so a
+hostile or broken archive cannot write anywhere but the staging folder it is given.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tarfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz")
+
+# The full dataset is 25,000 images in about 850 MB; these leave room for the Kaggle
+# archive with its test set while stopping zip bombs.
+MAX_ENTRIES = 200_000
+MAX_TOTAL_BYTES = 20 * 1024**3
+COPY_CHUNK = 1024 * 1024
+
+
+class UnsafeArchiveError(ValueError):
+    """The archive holds an entry that must not be extracted."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_entries: int = MAX_ENTRIES
+    max_total_bytes: int = MAX_TOTAL_BYTES
+
+
+def is_archive(path: Path) -> bool:
+    return path.name.lower().endswith(ARCHIVE_SUFFIXES)
+
+
+def safe_member_path(name: str) -> PurePosixPath:
+    """The entry's relative path, or an error if it is absolute or climbs out of the target."""
+    normalized = name.replace("\\", "/")
+    path = PurePosixPath(normalized)
+    if (
+        path.is_absolute()
+        or normalized.startswith("/")
+        or (len(normalized) > 1 and normalized[1] == ":")
+    ):
+        raise UnsafeArchiveError(f"refusing absolute path in archive: {name!r}")
+    if ".." in path.parts:
+        raise UnsafeArchiveError(f"refusing path that leaves the target folder: {name!r}")
+    return path
+
+
+def _check_totals(count: int, total: int, limits: Limits) -> None:
+    if count > limits.max_entries:
+        raise UnsafeArchiveError(f"archive has more than {limits.max_entries} entries")
+    if total > limits.max_total_bytes:
+        raise UnsafeArchiveError(
+            f"archive would extract to more than {limits.max_total_bytes / 1024**3:.0f} GiB"
+        )
+
+
+def _copy_bounded(source, target: Path, budget: int) -> int:
+    """Copies at most `budget` bytes; the declared sizes of an archive can lie."""
+    written = 0
+    with target.open("wb") as out:
+        while chunk := source.read(COPY_CHUNK):
+            written += len(chunk)
+            if written > budget:
+                raise UnsafeArchiveError("archive extracts to more bytes than it declares")
+            out.write(chunk)
+    return written
+
+
+def extract_zip(archive: Path, target: Path, limits: Limits = Limits()) -> int:
+    with zipfile.ZipFile(archive) as zf:
+        members = zf.infolist()
+        _check_totals(len(members), sum(m.file_size for m in members), limits)
+        budget = limits.max_total_bytes
+        for member in members:
+            relative = safe_member_path(member.filename)
+            mode = member.external_attr >> 16
+            if mode and (mode & 0o170000) not in (0, 0o100000, 0o040000):
+                raise UnsafeArchiveError(
+                    f"refusing link or special file in archive: {member.filename!r}"
+                )
+            destination = target.joinpath(*relative.parts)
+            if member.is_dir():
+                destination.mkdir(parents=True, exist_ok=True)
+                continue
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            with zf.open(member) as source:
+                budget -= _copy_bounded(source, destination, budget)
+    return len(members)
+
+
+def extract_tar(archive: Path, target: Path, limits: Limits = Limits()) -> int:
+    with tarfile.open(archive) as tf:
+        members = tf.getmembers()
+        _check_totals(len(members), sum(m.size for m in members), limits)
+        budget = limits.max_total_bytes
+        for member in members:
+            relative = safe_member_path(member.name)
+            if not (member.isfile() or member.isdir()):
+                raise UnsafeArchiveError(
+                    f"refusing link or special file in archive: {member.name!r}"
+                )
+            destination = target.joinpath(*relative.parts)
+            if member.isdir():
+                destination.mkdir(parents=True, exist_ok=True)
+                continue
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            source = tf.extractfile(member)
+            if source is None:
+                raise UnsafeArchiveError(f"cannot read archive entry {member.name!r}")
+            with source:
+                budget -= _copy_bounded(source, destination, budget)
+    return len(members)
+
+
+def extract(archive: Path, target: Path, limits: Limits = Limits()) -> int:
+    """Extracts `archive` into `target`; returns the number of entries."""
+    if zipfile.is_zipfile(archive):
+        return extract_zip(archive, target, limits)
+    if tarfile.is_tarfile(archive):
+        return extract_tar(archive, target, limits)
+    raise ValueError(f"{archive} is neither a zip nor a tar archive")
+
+
+def extract_nested(target: Path, limits: Limits = Limits()) -> list[Path]:
+    """Unpacks archives found inside an extracted tree, as Kaggle ships `train.zip` in its zip.
+
+    Each inner `name.zip` becomes a folder `name/`; the inner archive is then removed from
+    the staging copy (the user's own file is never touched).
+    """
+    unpacked: list[Path] = []
+    for inner in sorted(p for p in target.rglob("*") if p.is_file() and is_archive(p)):
+        folder = inner.with_name(inner.name.split(".", 1)[0])
+        staging = inner.with_name(f".{inner.name}.extracting")
+        extract(inner, staging, limits)
+        inner.unlink()
+        # A zip of `train/` holds `train/...`: do not nest it as `train/train/...`.
+        children = list(staging.iterdir())
+        source = children[0] if len(children) == 1 and children[0].name == folder.name else staging
+        if folder.exists():
+            shutil.rmtree(folder)
+        source.rename(folder)
+        shutil.rmtree(staging, ignore_errors=True)
+        unpacked.append(folder)
+    return unpacked

@@ -1,0 +1,215 @@
+"""The pipeline's one typed config, loaded and validated once from `params.yaml`.
+
+Every stage calls `load_config()` in its `main()` and passes the sections it needs down
+explicitly. A bad file fails before any work starts, with one error naming every bad field.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    HttpUrl,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+PARAMS_FILE = Path("params.yaml")
+
+PositiveInt = Annotated[int, Field(gt=0)]
+Fraction = Annotated[float, Field(gt=0, lt=1)]
+ImageSize = tuple[Annotated[int, Field(ge=32, le=1024)], Annotated[int, Field(ge=32, le=1024)]]
+Optimizer = Literal["adam", "sgd", "rmsprop"]
+
+
+class ConfigError(ValueError):
+    """`params.yaml` is missing, unreadable or holds invalid values."""
+
+
+class Section(BaseModel):
+    # Unknown keys are typos until proven otherwise; frozen so no stage edits shared config.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class CommonConfig(Section):
+    seed: Annotated[int, Field(ge=0, lt=2**31)]
+
+
+class ModelPaths(Section):
+    cnn: Path
+    backbone: Path
+    head: Path
+    transfer: Path
+
+
+class ReportPaths(Section):
+    download: Path
+    split: Path
+    augment: Path
+    train_cnn: Path
+    extract_features: Path
+    train_head: Path
+    evaluate: Path
+
+
+class PathsConfig(Section):
+    raw: Path
+    split: Path
+    augmented: Path
+    features: Path
+    models: ModelPaths
+    reports: ReportPaths
+
+
+class MirrorConfig(Section):
+    url: HttpUrl
+    size: PositiveInt | None = None
+    sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")] | None = None
+
+
+class DownloadConfig(Section):
+    source: Literal["petimages", "kaggle", "local"]
+    local_path: Path | None = None
+    kaggle_competition: str
+    petimages: MirrorConfig
+
+    @model_validator(mode="after")
+    def _local_source_needs_a_path(self) -> DownloadConfig:
+        if self.source == "local" and self.local_path is None:
+            raise ValueError(
+                "source 'local' needs download.local_path (a .zip, .tar(.gz) or folder)"
+            )
+        return self
+
+
+class SplitConfig(Section):
+    n: Annotated[int, Field(ge=4)] | None = None
+    validation_fraction: Fraction
+    test_fraction: Fraction
+
+    @model_validator(mode="after")
+    def _fractions_leave_a_train_split(self) -> SplitConfig:
+        if self.validation_fraction + self.test_fraction >= 1:
+            raise ValueError(
+                "validation_fraction + test_fraction must be below 1 to leave images for training"
+            )
+        return self
+
+
+class AugmentConfig(Section):
+    variants: Annotated[int, Field(ge=0, le=20)]
+    image_size: ImageSize
+    horizontal_flip: bool
+    rotation: Annotated[float, Field(ge=0, le=0.5)]
+    zoom: Annotated[float, Field(ge=0, lt=1)]
+    shift: Annotated[float, Field(ge=0, lt=1)]
+    shear: Annotated[float, Field(ge=0, le=1)]
+    jpeg_quality: Annotated[int, Field(ge=50, le=100)]
+
+
+class OptimizerMixin(Section):
+    optimizer: Optimizer
+    learning_rate: Annotated[float, Field(gt=0, le=1)]
+    momentum: Annotated[float, Field(ge=0, lt=1)]
+    batch_size: PositiveInt
+    epochs: PositiveInt
+    patience: Annotated[int, Field(ge=0)]
+
+
+class TrainCnnConfig(OptimizerMixin):
+    image_size: ImageSize
+    conv_filters: Annotated[list[PositiveInt], Field(min_length=1, max_length=6)]
+    dense_units: list[PositiveInt]
+    dropout: Annotated[float, Field(ge=0, lt=1)]
+    batch_norm: bool
+    use_augmented: bool
+
+
+class FeaturesConfig(Section):
+    backbone: Literal["vgg16"]
+    weights: str
+    image_size: ImageSize
+    pooling: Literal["flatten", "avg"]
+    batch_size: PositiveInt
+    include_augmented: bool
+
+    @field_validator("weights")
+    @classmethod
+    def _known_weights(cls, value: str) -> str:
+        if value in ("imagenet", "none"):
+            return value
+        if not value.endswith(".h5"):
+            raise ValueError("must be 'imagenet', 'none' or a path to a .h5 / .weights.h5 file")
+        return value
+
+
+class HeadConfig(OptimizerMixin):
+    units: PositiveInt
+    dropout: Annotated[float, Field(ge=0, lt=1)]
+
+
+class EvaluateConfig(Section):
+    threshold: Fraction
+    batch_size: PositiveInt
+
+
+class Config(Section):
+    common: CommonConfig
+    paths: PathsConfig
+    download: DownloadConfig
+    split: SplitConfig
+    augment: AugmentConfig
+    train_cnn: TrainCnnConfig
+    features: FeaturesConfig
+    head: HeadConfig
+    evaluate: EvaluateConfig
+
+
+def format_validation_error(error: ValidationError) -> str:
+    lines = [f"params.yaml has {error.error_count()} invalid value(s):"]
+    for item in error.errors():
+        where = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        message = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            message = "unknown key (a typo?)"
+        lines.append(f"  - {where}: {message}")
+    return "\n".join(lines)
+
+
+def parse_config(raw: Any) -> Config:
+    """Validates a mapping shaped like `params.yaml`."""
+    if not isinstance(raw, dict):
+        raise ConfigError("params.yaml must be a mapping of sections")
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as error:
+        raise ConfigError(format_validation_error(error)) from None
+
+
+def load_config(path: Path = PARAMS_FILE) -> Config:
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path} not found: run from the repository root") from None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path} is not valid YAML: {error}") from None
+    return parse_config(raw)
+
+
+def flatten(config: BaseModel | dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """`{"head": {"units": 256}}` -> `{"head.units": 256}`, the names MLflow and DVC show."""
+    data = config.model_dump(mode="json") if isinstance(config, BaseModel) else config
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, prefix=f"{name}."))
+        else:
+            flat[name] = value
+    return flat

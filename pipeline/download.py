@@ -1,0 +1,229 @@
+"""Stage 1: fetch the Dogs vs. Cats training images into `paths.raw`.
+
+Sources (`download.source`):
+  petimages  Microsoft's public PetImages mirror over HTTPS; no account needed.
+  kaggle     the competition files through the Kaggle API and the user's credentials.
+  local      a `.zip`, `.tar(.gz)` or folder the user already has.
+
+Whatever the source, `paths.raw` ends up holding the images exactly as published, in
+Kaggle's (`train/cat.N.jpg`) or PetImages' (`PetImages/Cat/N.jpg`) layout.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import sys
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+
+from pipeline import archives, tracking
+from pipeline.config import ConfigError, DownloadConfig, MirrorConfig, load_config
+from pipeline.files import atomic_dir, project_root, write_json
+from pipeline.images import CLASS_NAMES, find_labeled_images
+
+CHUNK = 1024 * 1024
+LAYOUT_HELP = (
+    "Expected one of these layouts:\n"
+    "  Kaggle:    train/cat.0.jpg, train/dog.0.jpg, ...\n"
+    "             (or the competition's zip, which holds train.zip)\n"
+    "  PetImages: PetImages/Cat/0.jpg, PetImages/Dog/0.jpg, ... (folder names in any case)"
+)
+
+
+class DownloadError(RuntimeError):
+    """The data could not be fetched; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class RawSummary:
+    layout: str
+    images: int
+    per_class: dict[str, int]
+    unlabeled: int
+
+    def as_dict(self) -> dict:
+        return {
+            "layout": self.layout,
+            "images": self.images,
+            "per_class": self.per_class,
+            "unlabeled": self.unlabeled,
+        }
+
+
+def detect_layout(root: Path) -> RawSummary:
+    """Counts the labelled images below `root` and names their layout, or refuses the tree."""
+    labeled, unlabeled = find_labeled_images(root)
+    counts = Counter(item.label for item in labeled)
+    if not labeled or len(counts) < len(CLASS_NAMES):
+        found = f"{len(labeled)} labelled image(s), classes {sorted(counts)}"
+        raise DownloadError(
+            f"{root} does not hold images of both cats and dogs ({found}).\n{LAYOUT_HELP}"
+        )
+    by_name = sum(1 for item in labeled if item.path.name.lower().startswith(("cat.", "dog.")))
+    layout = "kaggle" if by_name * 2 > len(labeled) else "petimages"
+    return RawSummary(
+        layout=layout,
+        images=len(labeled),
+        per_class={name: counts[label] for label, name in enumerate(CLASS_NAMES)},
+        unlabeled=len(unlabeled),
+    )
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _matches(path: Path, mirror: MirrorConfig) -> bool:
+    if mirror.size is not None and path.stat().st_size != mirror.size:
+        return False
+    return mirror.sha256 is None or sha256_of(path) == mirror.sha256
+
+
+def fetch_http(mirror: MirrorConfig, destination: Path, timeout: float = 60.0) -> Path:
+    """Streams `mirror.url` to `destination`, resuming a partial `.part` file where it can.
+
+    The file appears at `destination` only once its size and SHA-256 match the pinned ones.
+    """
+    import requests
+    from tqdm import tqdm
+
+    if destination.exists() and _matches(destination, mirror):
+        return destination  # an intact earlier download: no network work
+    partial = destination.with_name(destination.name + ".part")
+    offset = partial.stat().st_size if partial.exists() else 0
+    headers = {"Range": f"bytes={offset}-"} if offset else {}
+    url = str(mirror.url)
+    try:
+        with requests.get(url, stream=True, headers=headers, timeout=timeout) as response:
+            if response.status_code == 416 and mirror.size and offset >= mirror.size:
+                pass  # the previous run got every byte; only the checks remain
+            else:
+                response.raise_for_status()
+                if offset and response.status_code != 206:
+                    offset = 0  # the server ignored the range: start over
+                total = int(response.headers.get("Content-Length", 0)) + offset or mirror.size
+                with (
+                    partial.open("ab" if offset else "wb") as out,
+                    tqdm(
+                        total=total, initial=offset, unit="B", unit_scale=True, desc="download"
+                    ) as bar,
+                ):
+                    for chunk in response.iter_content(CHUNK):
+                        out.write(chunk)
+                        bar.update(len(chunk))
+    except requests.RequestException as error:
+        raise DownloadError(
+            f"Downloading {url} failed: {error}.\n"
+            f"{partial.stat().st_size if partial.exists() else 0} bytes are kept in {partial}; "
+            "run the stage again to resume, or use download.source: local with a copy you have."
+        ) from error
+    size = partial.stat().st_size
+    if mirror.size is not None and size != mirror.size:
+        partial.unlink()
+        raise DownloadError(
+            f"{url} gave {size} bytes, expected {mirror.size}: the file on the server changed "
+            "or the transfer broke. Run again; if it persists, update download.petimages.size."
+        )
+    if mirror.sha256 is not None and (actual := sha256_of(partial)) != mirror.sha256:
+        partial.unlink()
+        raise DownloadError(
+            f"{url} has SHA-256 {actual}, expected {mirror.sha256}: the file is corrupt or "
+            "changed upstream. Run again; if it persists, check and update "
+            "download.petimages.sha256."
+        )
+    os.replace(partial, destination)
+    return destination
+
+
+def fetch_kaggle(competition: str) -> Path:
+    """Downloads the competition's files with `kagglehub`, using the user's Kaggle credentials."""
+    try:
+        import kagglehub
+    except ImportError as error:
+        raise DownloadError(
+            "download.source is kaggle, but kagglehub is not installed: pip install -e '.[kaggle]'"
+        ) from error
+    try:
+        path = Path(kagglehub.competition_download(competition))
+    except Exception as error:
+        raise DownloadError(
+            f"The Kaggle download of '{competition}' failed ({type(error).__name__}).\n"
+            "Check that your credentials are set (KAGGLE_USERNAME and KAGGLE_KEY, or "
+            "~/.kaggle/kaggle.json), and that you accepted the competition's rules at "
+            f"https://www.kaggle.com/competitions/{competition}/rules. Or use "
+            "download.source: petimages, which needs no account."
+        ) from None
+    return path
+
+
+def populate_raw(source: Path, staging: Path) -> None:
+    """Copies or extracts `source` into the empty `staging` folder, leaving `source` untouched."""
+    if source.is_dir():
+        shutil.copytree(source, staging, dirs_exist_ok=True)
+    elif source.is_file() and archives.is_archive(source):
+        archives.extract(source, staging)
+    else:
+        raise DownloadError(
+            f"{source} is not a folder or a .zip/.tar/.tar.gz archive.\n{LAYOUT_HELP}"
+        )
+    archives.extract_nested(staging)
+
+
+def resolve_local_path(cfg: DownloadConfig) -> Path:
+    assert cfg.local_path is not None
+    path = cfg.local_path.expanduser()
+    # Relative to the user's repository, also when DVC runs the stage in a temporary copy.
+    path = path if path.is_absolute() else project_root() / path
+    if not path.exists():
+        raise DownloadError(f"download.local_path {path} does not exist")
+    return path
+
+
+def acquire(cfg: DownloadConfig, downloads: Path) -> Path:
+    """The local file or folder holding the data for the configured source."""
+    if cfg.source == "local":
+        return resolve_local_path(cfg)
+    if cfg.source == "kaggle":
+        return fetch_kaggle(cfg.kaggle_competition)
+    downloads.mkdir(parents=True, exist_ok=True)
+    archive = downloads / Path(cfg.petimages.url.path or "petimages.zip").name
+    return fetch_http(cfg.petimages, archive)
+
+
+def main() -> None:
+    try:
+        cfg = load_config()
+    except ConfigError as error:
+        sys.exit(str(error))
+    raw, report = cfg.paths.raw, cfg.paths.reports.download / "summary.json"
+    with tracking.stage_run("download", cfg, "download"):
+        try:
+            # Kept beside the data, out of DVC's outputs: a broken transfer resumes from here.
+            source = acquire(cfg.download, raw.parent / ".downloads")
+            with atomic_dir(raw) as staging:
+                populate_raw(source, staging)
+                summary = detect_layout(staging)
+        except (DownloadError, archives.UnsafeArchiveError) as error:
+            mlflow.set_tag("error", str(error)[:5000])
+            sys.exit(f"download: {error}")
+        write_json(report, {"source": cfg.download.source, **summary.as_dict()})
+        mlflow.log_metrics({"raw_images": summary.images, "raw_unlabeled": summary.unlabeled})
+        mlflow.log_metrics({f"raw_{name}": count for name, count in summary.per_class.items()})
+        mlflow.log_artifact(str(report))
+    print(
+        f"download: {summary.images} labelled images ({summary.per_class}) in {summary.layout} "
+        f"layout from {cfg.download.source} into {raw}"
+    )
+
+
+if __name__ == "__main__":
+    main()

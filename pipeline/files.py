@@ -1,0 +1,78 @@
+"""Atomic output writing and project-root resolution, shared by every stage.
+
+A stage writes each output next to its final place and moves it there only when it is
+complete, so a crash or a bad input never leaves a half-written output a later stage
+could read, and the previous good output stays until the new one is ready.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+# `dvc exp run --queue` and `--temp` execute each experiment in a copy of the repository
+# under this folder; state shared between experiments (the MLflow store) lives above it.
+DVC_TEMP_EXPERIMENTS = Path(".dvc") / "tmp" / "exps"
+
+
+def project_root(cwd: Path | None = None) -> Path:
+    """The repository the user works in, also from inside a DVC temporary experiment copy."""
+    here = (cwd or Path.cwd()).resolve()
+    parts = here.parts
+    marker = DVC_TEMP_EXPERIMENTS.parts
+    for index in range(len(parts) - len(marker) + 1):
+        if parts[index : index + len(marker)] == marker:
+            return Path(*parts[:index])
+    return here
+
+
+@contextlib.contextmanager
+def atomic_dir(target: Path) -> Iterator[Path]:
+    """Yields an empty staging folder that replaces `target` only if the block succeeds."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    previous = target.with_name(f".{target.name}.old")
+    shutil.rmtree(previous, ignore_errors=True)
+    if target.exists() or target.is_symlink():
+        os.replace(target, previous)
+    os.replace(staging, target)
+    shutil.rmtree(previous, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def atomic_file(target: Path) -> Iterator[Path]:
+    """Yields a temporary path in `target`'s folder; it becomes `target` if the block succeeds."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # The staging name keeps the suffix: Keras and NumPy pick the format from it.
+    handle, name = tempfile.mkstemp(
+        prefix=f".{target.stem}.", suffix=f".tmp{target.suffix}", dir=target.parent
+    )
+    os.close(handle)
+    staging = Path(name)
+    try:
+        yield staging
+    except BaseException:
+        staging.unlink(missing_ok=True)
+        raise
+    os.replace(staging, target)
+
+
+def write_json(path: Path, data: Any) -> None:
+    with atomic_file(path) as staging:
+        staging.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def write_text(path: Path, text: str) -> None:
+    with atomic_file(path) as staging:
+        staging.write_text(text)

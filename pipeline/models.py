@@ -1,0 +1,132 @@
+"""Model builders: the scratch CNN, the VGG16 backbone, the dense head, and their composition.
+
+Every model here takes raw 0-255 RGB pixels at its image size and outputs the probability
+of a dog, so a saved `.keras` file is all `pipeline.predict` needs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import keras
+import numpy as np
+
+from pipeline.config import FeaturesConfig, HeadConfig, OptimizerMixin, TrainCnnConfig
+
+
+class WeightsUnavailableError(RuntimeError):
+    """The backbone's pretrained weights could not be downloaded or read."""
+
+
+def make_optimizer(cfg: OptimizerMixin) -> keras.optimizers.Optimizer:
+    if cfg.optimizer == "sgd":
+        return keras.optimizers.SGD(learning_rate=cfg.learning_rate, momentum=cfg.momentum)
+    if cfg.optimizer == "rmsprop":
+        return keras.optimizers.RMSprop(learning_rate=cfg.learning_rate, momentum=cfg.momentum)
+    return keras.optimizers.Adam(learning_rate=cfg.learning_rate)
+
+
+def compile_binary(model: keras.Model, cfg: OptimizerMixin) -> keras.Model:
+    model.compile(
+        optimizer=make_optimizer(cfg),
+        loss="binary_crossentropy",
+        metrics=["accuracy", keras.metrics.AUC(name="auc")],
+    )
+    return model
+
+
+def build_cnn(cfg: TrainCnnConfig) -> keras.Model:
+    """The tutorial's small CNN: conv/pool blocks, dense layers with dropout, a sigmoid."""
+    inputs = keras.Input(shape=(*cfg.image_size, 3), name="image")
+    x = keras.layers.Rescaling(1.0 / 255)(inputs)
+    for filters in cfg.conv_filters:
+        x = keras.layers.Conv2D(filters, 3, padding="same", use_bias=not cfg.batch_norm)(x)
+        if cfg.batch_norm:
+            x = keras.layers.BatchNormalization()(x)
+        x = keras.layers.Activation("relu")(x)
+        x = keras.layers.MaxPooling2D(2)(x)
+    x = keras.layers.Flatten()(x)
+    for units in cfg.dense_units:
+        x = keras.layers.Dense(units, activation="relu")(x)
+        x = keras.layers.Dropout(cfg.dropout)(x)
+    outputs = keras.layers.Dense(1, activation="sigmoid", name="prob_dog")(x)
+    return compile_binary(keras.Model(inputs, outputs, name="cnn"), cfg)
+
+
+def resolve_weights(weights: str) -> str | None:
+    """The `weights` argument for `keras.applications` from the `features.weights` param."""
+    if weights == "none":
+        return None
+    if weights == "imagenet":
+        return "imagenet"
+    path = Path(weights).expanduser()
+    if not path.is_file():
+        raise WeightsUnavailableError(f"features.weights points to {path}, which does not exist.")
+    return str(path)
+
+
+def build_backbone(cfg: FeaturesConfig) -> keras.Model:
+    """VGG16's convolutional base with its own `preprocess_input`, taking 0-255 RGB pixels."""
+    weights = resolve_weights(cfg.weights)
+    try:
+        base = keras.applications.VGG16(
+            include_top=False, weights=weights, input_shape=(*cfg.image_size, 3)
+        )
+    except Exception as error:  # Keras raises several types for a failed fetch or a bad file
+        raise WeightsUnavailableError(weights_help(cfg.weights, error)) from error
+    base.trainable = False
+    inputs = keras.Input(shape=(*cfg.image_size, 3), name="image")
+    x = caffe_preprocessing()(inputs)
+    x = base(x, training=False)
+    if cfg.pooling == "avg":
+        x = keras.layers.GlobalAveragePooling2D()(x)
+    else:
+        x = keras.layers.Flatten()(x)
+    return keras.Model(inputs, x, name="vgg16_features")
+
+
+# VGG16's `preprocess_input` ("caffe" mode): RGB to BGR, minus the ImageNet mean in BGR order.
+IMAGENET_MEAN_BGR = (103.939, 116.779, 123.68)
+
+
+def caffe_preprocessing() -> keras.layers.Layer:
+    """`keras.applications.vgg16.preprocess_input` as a frozen Dense layer on the channel axis.
+
+    A built-in layer, not a Lambda, so saved models load with Keras' safe mode and in MLflow
+    without shipping this module.
+    """
+    flip_channels = np.eye(3, dtype="float32")[::-1]
+    layer = keras.layers.Dense(3, trainable=False, name="vgg16_preprocess")
+    layer.build((None, 3))
+    layer.set_weights([flip_channels, -np.asarray(IMAGENET_MEAN_BGR, dtype="float32")])
+    return layer
+
+
+def weights_help(weights: str, error: Exception) -> str:
+    if weights == "imagenet":
+        return (
+            f"Could not download the VGG16 ImageNet weights ({type(error).__name__}: {error}).\n"
+            "Fixes:\n"
+            "  - connect to the internet once: Keras caches the file in ~/.keras/models/;\n"
+            "  - or download vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5 elsewhere and set\n"
+            "    features.weights to its path (dvc exp run -S features.weights=/path/to/file.h5);\n"
+            "  - or, for a smoke run that needs no download, set features.weights to none\n"
+            "    (random weights: the pipeline runs, but the transfer model learns little)."
+        )
+    return f"Could not load VGG16 weights from {weights}: {type(error).__name__}: {error}"
+
+
+def build_head(feature_dim: int, cfg: HeadConfig) -> keras.Model:
+    """The small dense classifier trained on bottleneck features."""
+    inputs = keras.Input(shape=(feature_dim,), name="features")
+    x = keras.layers.Dense(cfg.units, activation="relu")(inputs)
+    x = keras.layers.Dropout(cfg.dropout)(x)
+    outputs = keras.layers.Dense(1, activation="sigmoid", name="prob_dog")(x)
+    return compile_binary(keras.Model(inputs, outputs, name="head"), cfg)
+
+
+def compose_transfer(backbone: keras.Model, head: keras.Model) -> keras.Model:
+    """Backbone and head as one model that takes raw images, for `pipeline.predict`."""
+    inputs = keras.Input(shape=backbone.input_shape[1:], name="image")
+    outputs = head(backbone(inputs))
+    return keras.Model(inputs, outputs, name="transfer")

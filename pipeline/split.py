@@ -1,0 +1,172 @@
+"""Stage 2: check every raw image and split them into train / validation / test folders.
+
+Every image is decoded before it reaches a split: unreadable ones are skipped and listed
+with their reason in `reports/split/skipped.csv` (the raw files stay where they are), and
+images TensorFlow's JPEG decoder would misread (PNG under a `.jpg` name, CMYK, ...) are
+re-encoded as RGB JPEG in the split copy. The split is stratified, disjoint and the same
+for the same seed.
+"""
+
+from __future__ import annotations
+
+import csv
+import sys
+from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+from sklearn.model_selection import train_test_split
+
+from pipeline import tracking
+from pipeline.config import ConfigError, SplitConfig, load_config
+from pipeline.files import atomic_dir, atomic_file, write_json
+from pipeline.images import (
+    CLASS_NAMES,
+    LabeledImage,
+    find_labeled_images,
+    inspect_image,
+    reencode_as_jpeg,
+)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    image: LabeledImage
+    problem: str | None
+    needs_reencoding: bool
+
+
+def check_image(image: LabeledImage) -> Verdict:
+    try:
+        data = image.path.read_bytes()
+    except OSError as error:
+        return Verdict(image, f"unreadable file ({error.strerror})", False)
+    problem, needs_reencoding = inspect_image(data)
+    return Verdict(image, problem, needs_reencoding)
+
+
+def check_images(images: list[LabeledImage], workers: int | None = None) -> list[Verdict]:
+    """Decodes every image, in parallel processes since PIL decoding is CPU-bound."""
+    if len(images) < 256:
+        return [check_image(image) for image in images]
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        return list(pool.map(check_image, images, chunksize=64))
+
+
+def split_files(
+    images: list[LabeledImage], cfg: SplitConfig, seed: int
+) -> dict[str, list[LabeledImage]]:
+    """Stratified, seeded train/validation/test split, after an optional stratified cap `cfg.n`."""
+    images = sorted(images, key=lambda item: str(item.path))
+    labels = [item.label for item in images]
+    if len(set(labels)) < len(CLASS_NAMES):
+        raise ValueError("the images do not include both cats and dogs")
+    if cfg.n is not None and cfg.n < len(images):
+        images, _ = train_test_split(images, train_size=cfg.n, stratify=labels, random_state=seed)
+        labels = [item.label for item in images]
+    held_out = cfg.validation_fraction + cfg.test_fraction
+    try:
+        train, rest = train_test_split(
+            images, test_size=held_out, stratify=labels, random_state=seed
+        )
+        validation, test = train_test_split(
+            rest,
+            test_size=cfg.test_fraction / held_out,
+            stratify=[item.label for item in rest],
+            random_state=seed,
+        )
+    except ValueError as error:
+        raise ValueError(
+            f"{len(images)} images are too few for fractions validation "
+            f"{cfg.validation_fraction} and test {cfg.test_fraction}: {error}"
+        ) from None
+    return {"train": train, "validation": validation, "test": test}
+
+
+def target_name(image: LabeledImage, taken: set[str]) -> str:
+    """A unique `.jpg` name within the class folder, keeping the original name where it can."""
+    stem = image.path.stem
+    name, counter = f"{stem}.jpg", 1
+    while name in taken:
+        name, counter = f"{stem}-{counter}.jpg", counter + 1
+    taken.add(name)
+    return name
+
+
+def write_split(splits: dict[str, list[LabeledImage]], reencode: set[Path], target: Path) -> None:
+    for split, images in splits.items():
+        taken: dict[int, set[str]] = {label: set() for label in range(len(CLASS_NAMES))}
+        for image in images:
+            folder = target / split / CLASS_NAMES[image.label]
+            folder.mkdir(parents=True, exist_ok=True)
+            data = image.path.read_bytes()
+            if image.path in reencode:
+                data = reencode_as_jpeg(data)
+            (folder / target_name(image, taken[image.label])).write_bytes(data)
+
+
+def summarize(splits: dict[str, list[LabeledImage]], skipped: int, reencoded: int) -> dict:
+    counts = {
+        split: {
+            CLASS_NAMES[label]: n for label, n in sorted(Counter(i.label for i in images).items())
+        }
+        for split, images in splits.items()
+    }
+    return {
+        "splits": counts,
+        "total": sum(len(images) for images in splits.values()),
+        "skipped": skipped,
+        "reencoded": reencoded,
+    }
+
+
+def write_skipped(path: Path, verdicts: list[Verdict], root: Path) -> None:
+    with atomic_file(path) as staging, staging.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["file", "reason"])
+        for verdict in verdicts:
+            writer.writerow([verdict.image.path.relative_to(root).as_posix(), verdict.problem])
+
+
+def main() -> None:
+    try:
+        cfg = load_config()
+    except ConfigError as error:
+        sys.exit(str(error))
+    reports = cfg.paths.reports.split
+    with tracking.stage_run("split", cfg, "common", "split"):
+        labeled, unlabeled = find_labeled_images(cfg.paths.raw)
+        verdicts = check_images(labeled)
+        usable = [v.image for v in verdicts if v.problem is None]
+        skipped = [v for v in verdicts if v.problem is not None]
+        reencode = {v.image.path for v in verdicts if v.problem is None and v.needs_reencoding}
+        try:
+            splits = split_files(usable, cfg.split, cfg.common.seed)
+        except ValueError as error:
+            sys.exit(f"split: {error}")
+        with atomic_dir(cfg.paths.split) as staging:
+            write_split(splits, reencode, staging)
+        summary = summarize(splits, len(skipped), len(reencode))
+        summary["unlabeled"] = len(unlabeled)
+        write_json(reports / "summary.json", summary)
+        write_skipped(reports / "skipped.csv", skipped, cfg.paths.raw)
+        mlflow.log_metrics(
+            {
+                "images_total": summary["total"],
+                "images_skipped": len(skipped),
+                "images_reencoded": len(reencode),
+                **{f"images_{split}": len(images) for split, images in splits.items()},
+            }
+        )
+        mlflow.log_artifacts(str(reports), artifact_path="reports")
+    sizes = ", ".join(f"{split} {len(images)}" for split, images in splits.items())
+    print(
+        f"split: {sizes} images into {cfg.paths.split}; {len(skipped)} skipped "
+        f"(see {reports / 'skipped.csv'}), {len(reencode)} re-encoded"
+    )
+
+
+if __name__ == "__main__":
+    main()

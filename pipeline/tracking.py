@@ -1,0 +1,153 @@
+"""MLflow at the edges: where runs go, how one pipeline execution is grouped, what each run carries.
+
+Each DVC stage is its own process, so a pipeline execution is grouped by a parent run that
+every stage finds (or creates) by a key: the DVC experiment name under `dvc exp run`, else
+the git commit plus a hash of `params.yaml`. Each stage logs one child run under it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import subprocess
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import mlflow
+from mlflow.entities import Run
+from mlflow.tracking import MlflowClient
+
+from pipeline.config import Config, flatten
+from pipeline.files import project_root
+
+DEFAULT_EXPERIMENT = "dogs-vs-cats"
+STORE_FILE = "mlflow.db"
+ARTIFACTS_FOLDER = "mlartifacts"
+
+KEY_TAG = "pipeline.key"
+STAGE_TAG = "pipeline.stage"
+PARAMS_HASH_TAG = "pipeline.params_hash"
+COMMIT_TAG = "git.commit"
+DVC_EXP_TAG = "dvc.exp_name"
+
+
+def default_store() -> tuple[str, str]:
+    """The tracking URI and artifact location used when `MLFLOW_TRACKING_URI` is not set.
+
+    A SQLite store and an artifact folder at the root of the user's repository, as absolute
+    paths, so queued and `--temp` DVC experiments, which run in copies of the repository
+    under `.dvc/tmp/exps`, log to the same store as the workspace.
+    """
+    root = project_root()
+    return f"sqlite:///{root / STORE_FILE}", (root / ARTIFACTS_FOLDER).as_uri()
+
+
+def tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or default_store()[0]
+
+
+def experiment_name() -> str:
+    return os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
+
+
+def git_commit(cwd: Path | None = None) -> str | None:
+    try:
+        result = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, check=True
+        )
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return result.stdout.strip() or None
+
+
+def params_hash(cfg: Config) -> str:
+    canonical = json.dumps(cfg.model_dump(mode="json"), sort_keys=True)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:12]
+
+
+def execution_identity(
+    cfg: Config, commit: str | None, dvc_exp_name: str | None
+) -> tuple[str, str]:
+    """The grouping key and the readable name of this pipeline execution's parent run."""
+    digest = params_hash(cfg)
+    if dvc_exp_name:
+        return f"exp:{dvc_exp_name}:{digest}", dvc_exp_name
+    short = (commit or "nogit")[:7]
+    return f"repro:{commit or 'nogit'}:{digest}", f"repro-{short}-{digest[:6]}"
+
+
+def ensure_experiment(client: MlflowClient, name: str, artifact_location: str | None) -> str:
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    return client.create_experiment(name, artifact_location=artifact_location)
+
+
+def find_or_create_parent(
+    client: MlflowClient, experiment_id: str, key: str, name: str, tags: Mapping[str, str]
+) -> Run:
+    found = client.search_runs(
+        [experiment_id],
+        filter_string=f"tags.`{KEY_TAG}` = '{key}' and tags.`{STAGE_TAG}` = 'pipeline'",
+        max_results=1,
+        order_by=["attributes.start_time DESC"],
+    )
+    if found:
+        return found[0]
+    run = client.create_run(
+        experiment_id, run_name=name, tags={**tags, KEY_TAG: key, STAGE_TAG: "pipeline"}
+    )
+    # The parent only groups its stages; it is never "running" in the UI.
+    client.set_terminated(run.info.run_id, "FINISHED")
+    return run
+
+
+@contextlib.contextmanager
+def stage_run(
+    stage: str, cfg: Config, *sections: str, system_metrics: bool = False
+) -> Iterator[Run]:
+    """Opens this stage's child run under the execution's parent run and logs its params.
+
+    `sections` names the `params.yaml` sections the stage reads; they are logged flattened
+    (`head.learning_rate`), the names `dvc exp show` uses too.
+    """
+    # A server chooses its own artifact store; the default store keeps artifacts beside it
+    # rather than relative to whichever copy of the repository created the experiment.
+    # (Read before set_tracking_uri, which exports MLFLOW_TRACKING_URI to the environment.)
+    artifact_location = None if "MLFLOW_TRACKING_URI" in os.environ else default_store()[1]
+    mlflow.set_tracking_uri(tracking_uri())
+    client = MlflowClient()
+    experiment_id = ensure_experiment(client, experiment_name(), artifact_location)
+    commit = git_commit()
+    dvc_exp_name = os.environ.get("DVC_EXP_NAME")
+    key, name = execution_identity(cfg, commit, dvc_exp_name)
+    tags = {PARAMS_HASH_TAG: params_hash(cfg)}
+    if commit:
+        tags[COMMIT_TAG] = commit
+        tags["mlflow.source.git.commit"] = commit
+    if dvc_exp_name:
+        tags[DVC_EXP_TAG] = dvc_exp_name
+    parent = find_or_create_parent(client, experiment_id, key, name, tags)
+    with mlflow.start_run(
+        experiment_id=experiment_id,
+        run_name=stage,
+        parent_run_id=parent.info.run_id,
+        tags={**tags, STAGE_TAG: stage, KEY_TAG: key},
+        log_system_metrics=system_metrics,
+    ) as run:
+        params = {name: getattr(cfg, name).model_dump(mode="json") for name in sections}
+        mlflow.log_params(flatten(params))
+        yield run
+
+
+def parent_run_id(run: Run) -> str:
+    return run.data.tags["mlflow.parentRunId"]
+
+
+def log_to_parent(run: Run, metrics: Mapping[str, float]) -> None:
+    """Puts metrics on the execution's parent run, so executions compare in MLflow's chart view."""
+    client, parent = MlflowClient(), parent_run_id(run)
+    for name, value in metrics.items():
+        client.log_metric(parent, name, float(value))

@@ -1,0 +1,84 @@
+"""What both training stages share: fitting with early stopping, and saving what came of it."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import keras
+import mlflow
+import mlflow.keras
+import numpy as np
+from mlflow.models import infer_signature
+
+from pipeline import plots
+from pipeline.config import OptimizerMixin
+from pipeline.files import atomic_file, write_json
+
+
+def fit(
+    model: keras.Model, train, validation, cfg: OptimizerMixin, log_to_mlflow: bool = True
+) -> dict[str, list[float]]:
+    """Trains with early stopping on validation loss, keeping the best epoch's weights."""
+    callbacks: list[keras.callbacks.Callback] = [
+        keras.callbacks.EarlyStopping(
+            monitor="val_loss", patience=cfg.patience, restore_best_weights=True
+        )
+    ]
+    if log_to_mlflow:
+        callbacks.append(mlflow.keras.MlflowCallback())
+    history = model.fit(
+        train, validation_data=validation, epochs=cfg.epochs, callbacks=callbacks, verbose=2
+    )
+    return {name: [float(v) for v in values] for name, values in history.history.items()}
+
+
+def summarize_history(history: dict[str, list[float]]) -> dict[str, float | int]:
+    """The best epoch (lowest validation loss, the one early stopping restores) and its scores."""
+    best = int(np.argmin(history["val_loss"]))
+    summary: dict[str, float | int] = {
+        "epochs_run": len(history["val_loss"]),
+        "best_epoch": best + 1,
+    }
+    summary.update({f"best_{name}": values[best] for name, values in history.items()})
+    return summary
+
+
+def write_history(path: Path, history: dict[str, list[float]]) -> None:
+    """Per-epoch history as CSV, the format `dvc plots` reads."""
+    names = sorted(history)
+    with atomic_file(path) as staging, staging.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["epoch", *names])
+        for epoch, row in enumerate(zip(*(history[n] for n in names), strict=True), start=1):
+            writer.writerow([epoch, *(f"{v:.6f}" for v in row)])
+
+
+def save_model(model: keras.Model, path: Path) -> None:
+    with atomic_file(path) as staging:
+        model.save(staging)
+
+
+def save_training_outputs(
+    model: keras.Model,
+    history: dict[str, list[float]],
+    model_path: Path,
+    reports: Path,
+    title: str,
+) -> dict[str, float | int]:
+    """Model, history CSV and figure, and summary metrics, each written atomically."""
+    save_model(model, model_path)
+    write_history(reports / "history.csv", history)
+    with atomic_file(reports / "history.png") as staging:
+        plots.training_history(history, title).savefig(staging)
+    summary = summarize_history(history)
+    write_json(reports / "metrics.json", summary)
+    return summary
+
+
+def log_keras_model(
+    model: keras.Model, name: str, example: np.ndarray
+) -> mlflow.models.model.ModelInfo:
+    """Logs a Keras model with the signature inferred from a small input example."""
+    signature = infer_signature(example, model.predict(example, verbose=0))
+    return mlflow.keras.log_model(model, name=name, signature=signature)
