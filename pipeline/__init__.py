@@ -1,0 +1,1 @@
+"""Dogs vs. Cats under DVC and MLflow: one module per pipeline stage, plus the shared pieces."""

@@ -1,0 +1,96 @@
+"""Tiny generated data for every test: no test reads the network or the real dataset."""
+
+from __future__ import annotations
+
+import io
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline.config import Config, load_config
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def photo(label: int, seed: int, size: tuple[int, int] = (48, 40)) -> Image.Image:
+    """A small RGB image a model can tell apart: cats warm and round, dogs cool and square."""
+    rng = np.random.default_rng(seed)
+    height, width = size[1], size[0]
+    pixels = rng.normal(128, 30, (height, width, 3))
+    yy, xx = np.mgrid[:height, :width]
+    cy, cx, r = height / 2, width / 2, min(height, width) / 3
+    if label == 0:
+        mask = (yy - cy) ** 2 + (xx - cx) ** 2 < r**2
+        pixels[mask] = [220, 120, 60]
+    else:
+        mask = (abs(yy - cy) < r) & (abs(xx - cx) < r)
+        pixels[mask] = [60, 120, 220]
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+
+
+def jpeg_bytes(image: Image.Image, **save_args) -> bytes:
+    out = io.BytesIO()
+    image.save(out, format=save_args.pop("format", "JPEG"), **save_args)
+    return out.getvalue()
+
+
+def write_kaggle_tree(root: Path, per_class: int, start: int = 0) -> list[Path]:
+    """`root/train/cat.N.jpg` and `root/train/dog.N.jpg`, Kaggle's layout."""
+    folder = root / "train"
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for label, name in enumerate(("cat", "dog")):
+        for n in range(start, start + per_class):
+            path = folder / f"{name}.{n}.jpg"
+            path.write_bytes(jpeg_bytes(photo(label, seed=label * 10_000 + n)))
+            paths.append(path)
+    return paths
+
+
+def write_petimages_tree(root: Path, per_class: int) -> list[Path]:
+    """`root/PetImages/Cat/N.jpg` and `root/PetImages/Dog/N.jpg`, the public mirror's layout."""
+    paths = []
+    for label, name in enumerate(("Cat", "Dog")):
+        folder = root / "PetImages" / name
+        folder.mkdir(parents=True, exist_ok=True)
+        for n in range(per_class):
+            path = folder / f"{n}.jpg"
+            path.write_bytes(jpeg_bytes(photo(label, seed=label * 10_000 + n)))
+            paths.append(path)
+    return paths
+
+
+def zip_tree(root: Path, archive: Path) -> Path:
+    with zipfile.ZipFile(archive, "w") as zf:
+        for path in sorted(root.rglob("*")):
+            if path.is_file():
+                zf.write(path, path.relative_to(root).as_posix())
+    return archive
+
+
+@pytest.fixture(scope="session")
+def repo_config() -> Config:
+    return load_config(REPO_ROOT / "params.yaml")
+
+
+@pytest.fixture
+def kaggle_zip(tmp_path: Path) -> Path:
+    source = tmp_path / "kaggle-src"
+    write_kaggle_tree(source, per_class=12)
+    return zip_tree(source, tmp_path / "train.zip")
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline(tmp_path_factory: pytest.TempPathFactory):
+    """A repository copy on which `dvc repro` has run once, shared by the slow tests."""
+    from tests.pipeline_copy import PipelineCopy
+
+    data = tmp_path_factory.mktemp("dataset")
+    write_kaggle_tree(data / "src", per_class=16)
+    archive = zip_tree(data / "src", data / "dogs-vs-cats.zip")
+    copy = PipelineCopy.create(tmp_path_factory.mktemp("repo"), archive)
+    copy.first_repro_output = copy.dvc("repro")
+    return copy

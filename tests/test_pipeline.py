@@ -1,0 +1,81 @@
+"""End to end: `dvc repro` on a copy of this repository with tiny params and generated images."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from tests.pipeline_copy import PipelineCopy
+
+pytestmark = pytest.mark.slow
+
+STAGES = ("download", "split", "augment", "train_cnn", "extract_features", "train_head", "evaluate")
+
+
+def stages_run(output: str) -> list[str]:
+    return re.findall(r"Running stage '([\w-]+)'", output)
+
+
+def child_runs(client: MlflowClient, experiment_id: str, parent_id: str) -> list:
+    return client.search_runs(
+        [experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_id}'"
+    )
+
+
+def test_repro_runs_every_stage_and_logs_each_to_mlflow(tiny_pipeline: PipelineCopy) -> None:
+    first = tiny_pipeline.first_repro_output
+    assert stages_run(first) == list(STAGES)
+    root = tiny_pipeline.root
+    for path in ("models/cnn.keras", "models/transfer.keras", "models/head.keras"):
+        assert (root / path).stat().st_size > 0
+    metrics = json.loads((root / "reports/evaluate/metrics.json").read_text())
+    assert set(metrics) == {"cnn", "transfer"}
+    for scores in metrics.values():
+        assert 0 <= scores["accuracy"] <= 1 and scores["log_loss"] > 0
+
+    client, experiment = tiny_pipeline.mlflow()
+    parents = client.search_runs(
+        [experiment.experiment_id], filter_string="tags.`pipeline.stage` = 'pipeline'"
+    )
+    assert len(parents) == 1
+    parent = parents[0]
+    children = child_runs(client, experiment.experiment_id, parent.info.run_id)
+    assert sorted(run.data.tags["pipeline.stage"] for run in children) == sorted(STAGES)
+    by_stage = {run.data.tags["pipeline.stage"]: run for run in children}
+    assert by_stage["train_head"].data.params["head.learning_rate"] == "0.0001"
+    assert "val_loss" in by_stage["train_cnn"].data.metrics
+    history = client.get_metric_history(by_stage["train_cnn"].info.run_id, "val_loss")
+    assert [m.step for m in history] == [0, 1]  # one point per epoch
+    artifacts = {a.path for a in client.list_artifacts(by_stage["evaluate"].info.run_id, "reports")}
+    assert "reports/confusion_cnn.png" in artifacts and "reports/roc.png" in artifacts
+    # The final test metrics are on the grouping run too, for MLflow's chart view.
+    assert "transfer_test_accuracy" in client.get_run(parent.info.run_id).data.metrics
+    for run in children:
+        assert run.info.status == "FINISHED"
+        assert run.data.tags["git.commit"] == parent.data.tags["git.commit"]
+
+
+def test_changing_a_head_param_reruns_only_head_and_evaluate(
+    tiny_pipeline: PipelineCopy,
+) -> None:
+    client, experiment = tiny_pipeline.mlflow()
+    before = {r.info.run_id for r in client.search_runs([experiment.experiment_id])}
+
+    tiny_pipeline.set_param("head", "learning_rate", 0.001)
+    output = tiny_pipeline.dvc("repro")
+
+    assert stages_run(output) == ["train_head", "evaluate"]
+    new_runs = [
+        r for r in client.search_runs([experiment.experiment_id]) if r.info.run_id not in before
+    ]
+    stages = sorted(r.data.tags["pipeline.stage"] for r in new_runs)
+    # A new execution (new params) gets its own parent, holding exactly the stages that ran.
+    assert stages == ["evaluate", "pipeline", "train_head"]
+    head_run = next(r for r in new_runs if r.data.tags["pipeline.stage"] == "train_head")
+    assert head_run.data.params["head.learning_rate"] == "0.001"
+
+    assert stages_run(tiny_pipeline.dvc("repro")) == []  # nothing changed: nothing runs
+    assert len(client.search_runs([experiment.experiment_id])) == len(before) + 3
