@@ -26,7 +26,8 @@ from pipeline.config import ConfigError, DownloadConfig, MirrorConfig, load_conf
 from pipeline.files import atomic_dir, project_root, write_json
 from pipeline.images import CLASS_NAMES, find_labeled_images
 
-CHUNK = 1024 * 1024
+# Small enough that a broken transfer loses little of what it received before the break.
+CHUNK = 64 * 1024
 LAYOUT_HELP = (
     "Expected one of these layouts:\n"
     "  Kaggle:    train/cat.0.jpg, train/dog.0.jpg, ...\n"

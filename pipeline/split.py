@@ -66,16 +66,15 @@ def split_files(
     if cfg.n is not None and cfg.n < len(images):
         images, _ = train_test_split(images, train_size=cfg.n, stratify=labels, random_state=seed)
         labels = [item.label for item in images]
-    held_out = cfg.validation_fraction + cfg.test_fraction
+    # Counts, not fractions: 0.2 + 0.1 is 0.30000000000000004, which sklearn rounds up.
+    n_validation = round(len(images) * cfg.validation_fraction)
+    n_test = round(len(images) * cfg.test_fraction)
     try:
         train, rest = train_test_split(
-            images, test_size=held_out, stratify=labels, random_state=seed
+            images, test_size=n_validation + n_test, stratify=labels, random_state=seed
         )
         validation, test = train_test_split(
-            rest,
-            test_size=cfg.test_fraction / held_out,
-            stratify=[item.label for item in rest],
-            random_state=seed,
+            rest, test_size=n_test, stratify=[item.label for item in rest], random_state=seed
         )
     except ValueError as error:
         raise ValueError(

@@ -90,15 +90,15 @@ class PipelineCopy:
     def git(self, *args: str) -> str:
         return self.run("git", *args)
 
-    def dvc(self, *args: str) -> str:
-        return self.run(sys.executable, "-m", "dvc", *args)
+    def dvc(self, *args: str, check: bool = True) -> str:
+        return self.run(sys.executable, "-m", "dvc", *args, check=check)
 
-    def run(self, *command: str) -> str:
+    def run(self, *command: str, check: bool = True) -> str:
         result = subprocess.run(
             command, cwd=self.root, env=self.env, capture_output=True, text=True, timeout=900
         )
         output = result.stdout + result.stderr
-        if result.returncode != 0:
+        if check and result.returncode != 0:
             raise AssertionError(f"{' '.join(command)} failed ({result.returncode}):\n{output}")
         return output
 

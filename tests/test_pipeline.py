@@ -79,3 +79,22 @@ def test_changing_a_head_param_reruns_only_head_and_evaluate(
 
     assert stages_run(tiny_pipeline.dvc("repro")) == []  # nothing changed: nothing runs
     assert len(client.search_runs([experiment.experiment_id])) == len(before) + 3
+
+
+def test_a_failed_stage_leaves_the_previous_outputs_in_place(tiny_pipeline: PipelineCopy) -> None:
+    root = tiny_pipeline.root
+    kept = [root / "data/features/train.npz", root / "models/backbone.keras"]
+    before = {path: path.read_bytes() for path in kept}
+
+    tiny_pipeline.set_param("features", "weights", str(root / "missing.weights.h5"))
+    output = tiny_pipeline.dvc("repro", check=False)
+    tiny_pipeline.set_param("features", "weights", "none")
+
+    assert "ERROR" in output and "missing.weights.h5, which does not exist" in output
+    assert {path: path.read_bytes() for path in kept} == before
+    client, experiment = tiny_pipeline.mlflow()
+    failed = client.search_runs(
+        [experiment.experiment_id], filter_string="attributes.status = 'FAILED'"
+    )
+    assert [r.data.tags["pipeline.stage"] for r in failed] == ["extract_features"]
+    assert "does not exist" in failed[0].data.tags["error"]

@@ -1,0 +1,90 @@
+from __future__ import annotations
+
+import io
+import tarfile
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from pipeline.archives import Limits, UnsafeArchiveError, extract, extract_nested
+
+
+def make_zip(path: Path, entries: dict[str, bytes]) -> Path:
+    with zipfile.ZipFile(path, "w") as zf:
+        for name, data in entries.items():
+            zf.writestr(name, data)
+    return path
+
+
+def make_tar(path: Path, members: list[tarfile.TarInfo], data: bytes = b"") -> Path:
+    with tarfile.open(path, "w:gz") as tf:
+        for member in members:
+            tf.addfile(member, io.BytesIO(data) if member.isfile() else None)
+    return path
+
+
+def test_zip_and_tar_extract_into_target(tmp_path: Path) -> None:
+    archive = make_zip(tmp_path / "a.zip", {"train/cat.1.jpg": b"1", "train/dog.1.jpg": b"2"})
+    assert extract(archive, tmp_path / "z") == 2
+    assert (tmp_path / "z/train/dog.1.jpg").read_bytes() == b"2"
+    info = tarfile.TarInfo("PetImages/Cat/1.jpg")
+    info.size = 3
+    make_tar(tmp_path / "a.tar.gz", [info], b"abc")
+    extract(tmp_path / "a.tar.gz", tmp_path / "t")
+    assert (tmp_path / "t/PetImages/Cat/1.jpg").read_bytes() == b"abc"
+
+
+@pytest.mark.parametrize("name", ["../escape.jpg", "train/../../escape.jpg", "/abs/escape.jpg"])
+def test_zip_entries_leaving_the_target_are_refused(tmp_path: Path, name: str) -> None:
+    archive = make_zip(tmp_path / "evil.zip", {name: b"x"})
+    with pytest.raises(UnsafeArchiveError):
+        extract(archive, tmp_path / "out")
+    assert not list(tmp_path.rglob("escape.jpg"))
+
+
+def test_tar_links_and_devices_are_refused(tmp_path: Path) -> None:
+    link = tarfile.TarInfo("train/cat.1.jpg")
+    link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
+    with pytest.raises(UnsafeArchiveError, match="link or special"):
+        extract(make_tar(tmp_path / "link.tar.gz", [link]), tmp_path / "out")
+    device = tarfile.TarInfo("dev")
+    device.type = tarfile.CHRTYPE
+    with pytest.raises(UnsafeArchiveError, match="link or special"):
+        extract(make_tar(tmp_path / "dev.tar.gz", [device]), tmp_path / "out2")
+
+
+def test_zip_symlink_entries_are_refused(tmp_path: Path) -> None:
+    info = zipfile.ZipInfo("train/cat.1.jpg")
+    info.external_attr = 0o120777 << 16
+    with zipfile.ZipFile(tmp_path / "l.zip", "w") as zf:
+        zf.writestr(info, "/etc/passwd")
+    with pytest.raises(UnsafeArchiveError):
+        extract(tmp_path / "l.zip", tmp_path / "out")
+
+
+def test_entry_count_and_size_are_bounded(tmp_path: Path) -> None:
+    archive = make_zip(tmp_path / "many.zip", {f"f{i}.jpg": b"x" * 100 for i in range(5)})
+    with pytest.raises(UnsafeArchiveError, match="more than 4 entries"):
+        extract(archive, tmp_path / "a", Limits(max_entries=4))
+    with pytest.raises(UnsafeArchiveError, match="more than"):
+        extract(archive, tmp_path / "b", Limits(max_total_bytes=300))
+
+
+def test_kaggle_zip_inside_zip_is_unpacked_once(tmp_path: Path) -> None:
+    inner = make_zip(tmp_path / "train.zip", {"train/cat.1.jpg": b"c", "train/dog.1.jpg": b"d"})
+    outer = make_zip(tmp_path / "dogs-vs-cats.zip", {"train.zip": inner.read_bytes()})
+    target = tmp_path / "raw"
+    extract(outer, target)
+    extract_nested(target)
+    assert sorted(p.relative_to(target).as_posix() for p in target.rglob("*.jpg")) == [
+        "train/cat.1.jpg",
+        "train/dog.1.jpg",
+    ]
+    assert inner.exists()  # the user's own file is untouched
+
+
+def test_non_archives_are_rejected(tmp_path: Path) -> None:
+    (tmp_path / "x.zip").write_bytes(b"not a zip")
+    with pytest.raises(ValueError, match="neither a zip nor a tar"):
+        extract(tmp_path / "x.zip", tmp_path / "out")

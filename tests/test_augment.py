@@ -1,0 +1,68 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline.augment import augment_batch, derive_seed, preview, write_variants
+from pipeline.config import AugmentConfig
+from pipeline.images import list_split
+from tests.conftest import write_kaggle_tree
+
+CFG = AugmentConfig(
+    variants=2,
+    image_size=(32, 32),
+    horizontal_flip=True,
+    rotation=0.1,
+    zoom=0.2,
+    shift=0.1,
+    shear=0.2,
+    jpeg_quality=90,
+)
+
+
+@pytest.fixture
+def batch() -> np.ndarray:
+    return np.random.default_rng(0).uniform(0, 255, (4, 32, 32, 3)).astype(np.float32)
+
+
+def test_same_seed_gives_same_images(batch) -> None:
+    first = augment_batch(batch, CFG, seed=5)
+    assert first.dtype == np.uint8 and first.shape == batch.shape
+    np.testing.assert_array_equal(first, augment_batch(batch, CFG, seed=5))
+    assert not np.array_equal(first, augment_batch(batch, CFG, seed=6))
+
+
+def test_no_transforms_leave_images_unchanged(batch) -> None:
+    identity = CFG.model_copy(
+        update={"horizontal_flip": False, "rotation": 0, "zoom": 0, "shift": 0, "shear": 0}
+    )
+    np.testing.assert_array_equal(
+        augment_batch(batch, identity, 1), np.rint(batch).astype(np.uint8)
+    )
+
+
+def test_derive_seed_is_stable_and_distinct() -> None:
+    assert derive_seed(42, 0, 1) == derive_seed(42, 0, 1)
+    assert len({derive_seed(42, v, b) for v in range(3) for b in range(50)}) == 150
+
+
+def test_variants_are_written_per_class_and_reproducible(tmp_path: Path) -> None:
+    write_kaggle_tree(tmp_path / "src", per_class=3)
+    train = tmp_path / "split" / "train"
+    for path in (tmp_path / "src" / "train").iterdir():
+        folder = train / ("cats" if path.name.startswith("cat") else "dogs")
+        folder.mkdir(parents=True, exist_ok=True)
+        path.rename(folder / path.name)
+    images = list_split(train)
+    assert write_variants(images, CFG, 42, tmp_path / "a") == 12
+    write_variants(images, CFG, 42, tmp_path / "b")
+    names = sorted(
+        p.relative_to(tmp_path / "a").as_posix() for p in (tmp_path / "a").rglob("*.jpg")
+    )
+    assert names[0] == "train/cats/cat.0_aug0.jpg" and len(names) == 12
+    for name in names:
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    grid = preview(images, CFG, 42)
+    assert grid.shape[1:] == (6, 32, 32, 3)

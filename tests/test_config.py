@@ -1,0 +1,101 @@
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.config import ConfigError, flatten, load_config, parse_config
+from tests.conftest import REPO_ROOT
+
+
+@pytest.fixture
+def raw_params() -> dict:
+    return yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+
+
+def with_changes(raw: dict, **changes) -> dict:
+    changed = copy.deepcopy(raw)
+    for dotted, value in changes.items():
+        *parents, key = dotted.split("__")
+        node = changed
+        for parent in parents:
+            node = node[parent]
+        node[key] = value
+    return changed
+
+
+def test_repository_params_are_valid(repo_config) -> None:
+    assert repo_config.common.seed == 42
+    assert repo_config.train_cnn.conv_filters == [32, 32, 64]
+    assert repo_config.paths.models.cnn == Path("models/cnn.keras")
+
+
+def test_config_is_frozen(repo_config) -> None:
+    with pytest.raises(ValueError):
+        repo_config.head.units = 3
+
+
+@pytest.mark.parametrize(
+    ("changes", "expected"),
+    [
+        ({"head__learning_rate": -0.1}, "head.learning_rate: Input should be greater than 0"),
+        (
+            {"split__validation_fraction": 1.5},
+            "split.validation_fraction: Input should be less than 1",
+        ),
+        ({"split__validation_fraction": 0.6, "split__test_fraction": 0.5}, "must be below 1"),
+        (
+            {"download__source": "ftp"},
+            "download.source: Input should be 'petimages', 'kaggle' or 'local'",
+        ),
+        ({"download__source": "local"}, "needs download.local_path"),
+        ({"features__backbone": "alexnet"}, "features.backbone: Input should be 'vgg16'"),
+        ({"features__weights": "weights.bin"}, "features.weights: must be 'imagenet', 'none'"),
+        ({"train_cnn__optimizer": "adagrad"}, "train_cnn.optimizer: Input should be"),
+        ({"train_cnn__epochs": "ten"}, "train_cnn.epochs: Input should be a valid integer"),
+        ({"head__lerning_rate": 0.1}, "head.lerning_rate: unknown key"),
+        (
+            {"augment__image_size": [8, 8]},
+            "augment.image_size.0: Input should be greater than or equal to 32",
+        ),
+    ],
+)
+def test_bad_values_are_named_with_their_path(raw_params, changes, expected) -> None:
+    with pytest.raises(ConfigError) as error:
+        parse_config(with_changes(raw_params, **changes))
+    assert expected in str(error.value)
+
+
+def test_every_bad_field_is_reported_at_once(raw_params) -> None:
+    bad = with_changes(raw_params, head__units=0, train_cnn__dropout=1.5, evaluate__threshold=2)
+    with pytest.raises(ConfigError) as error:
+        parse_config(bad)
+    message = str(error.value)
+    assert "3 invalid value(s)" in message
+    for field in ("head.units", "train_cnn.dropout", "evaluate.threshold"):
+        assert field in message
+
+
+def test_missing_section_is_reported(raw_params) -> None:
+    del raw_params["head"]
+    with pytest.raises(ConfigError, match="head: Field required"):
+        parse_config(raw_params)
+
+
+def test_unreadable_files_give_clear_errors(tmp_path) -> None:
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "params.yaml")
+    (tmp_path / "params.yaml").write_text("head: [unclosed")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(tmp_path / "params.yaml")
+    (tmp_path / "params.yaml").write_text("- a list")
+    with pytest.raises(ConfigError, match="mapping of sections"):
+        load_config(tmp_path / "params.yaml")
+
+
+def test_flatten_uses_dotted_names_like_dvc(repo_config) -> None:
+    flat = flatten({"head": repo_config.head.model_dump(mode="json")})
+    assert flat["head.learning_rate"] == 0.0001
+    assert all(name.startswith("head.") for name in flat)

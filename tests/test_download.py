@@ -1,0 +1,115 @@
+from __future__ import annotations
+
+import hashlib
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import DownloadConfig, MirrorConfig
+from pipeline.download import (
+    DownloadError,
+    acquire,
+    detect_layout,
+    fetch_http,
+    populate_raw,
+)
+from tests.conftest import write_petimages_tree
+from tests.http_fixture import Served, serve
+
+
+def mirror(url: str, payload: bytes, **overrides) -> MirrorConfig:
+    values = {"url": url, "size": len(payload), "sha256": hashlib.sha256(payload).hexdigest()}
+    return MirrorConfig(**{**values, **overrides})
+
+
+def test_local_kaggle_zip_is_extracted_and_detected(tmp_path: Path, kaggle_zip: Path) -> None:
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    before = kaggle_zip.read_bytes()
+    populate_raw(kaggle_zip, raw)
+    summary = detect_layout(raw)
+    assert summary.layout == "kaggle"
+    assert summary.per_class == {"cats": 12, "dogs": 12}
+    assert kaggle_zip.read_bytes() == before
+
+
+def test_local_petimages_folder_and_tarball(tmp_path: Path) -> None:
+    source = tmp_path / "src"
+    write_petimages_tree(source, per_class=5)
+    (source / "PetImages" / "Cat" / "Thumbs.db").write_bytes(b"junk")
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    populate_raw(source, raw)
+    assert detect_layout(raw).layout == "petimages"
+    assert (source / "PetImages" / "Cat" / "Thumbs.db").exists()
+
+    tarball = tmp_path / "pets.tar.gz"
+    with tarfile.open(tarball, "w:gz") as tf:
+        tf.add(source / "PetImages", arcname="PetImages")
+    raw2 = tmp_path / "raw2"
+    raw2.mkdir()
+    populate_raw(tarball, raw2)
+    assert detect_layout(raw2).per_class == {"cats": 5, "dogs": 5}
+
+
+def test_unknown_layouts_are_refused_with_the_expected_ones(tmp_path: Path) -> None:
+    source = tmp_path / "photos"
+    source.mkdir()
+    (source / "holiday.jpg").write_bytes(b"x")
+    with pytest.raises(DownloadError, match="Expected one of these layouts"):
+        detect_layout(source)
+    with pytest.raises(DownloadError, match=r"not a folder or a \.zip"):
+        populate_raw(tmp_path / "notes.txt", tmp_path)
+
+
+def test_relative_local_path_resolves_against_the_repository(tmp_path, monkeypatch, kaggle_zip):
+    monkeypatch.chdir(kaggle_zip.parent)
+    cfg = DownloadConfig(
+        source="local",
+        local_path=Path(kaggle_zip.name),
+        kaggle_competition="dogs-vs-cats",
+        petimages=mirror("http://127.0.0.1/x.zip", b"unused"),
+    )
+    assert acquire(cfg, tmp_path / "downloads") == kaggle_zip
+    missing = cfg.model_copy(update={"local_path": Path("nope.zip")})
+    with pytest.raises(DownloadError, match="does not exist"):
+        acquire(missing, tmp_path / "downloads")
+
+
+def test_http_download_verifies_and_moves_into_place(tmp_path: Path, kaggle_zip: Path) -> None:
+    payload = kaggle_zip.read_bytes()
+    served = Served(payload)
+    target = tmp_path / "archive.zip"
+    with serve(served) as url:
+        assert fetch_http(mirror(url, payload), target) == target
+        assert target.read_bytes() == payload
+        fetch_http(mirror(url, payload), target)
+    assert len(served.requests) == 1  # an intact earlier download is not fetched again
+
+
+def test_http_download_resumes_after_a_cut(tmp_path: Path) -> None:
+    payload = bytes(range(256)) * 2048  # 512 KiB
+    served = Served(payload, cut_after=300_000)
+    target = tmp_path / "archive.zip"
+    with serve(served) as url:
+        with pytest.raises(DownloadError, match="run the stage again to resume"):
+            fetch_http(mirror(url, payload), target)
+        assert not target.exists()
+        fetch_http(mirror(url, payload), target)
+    assert target.read_bytes() == payload
+    resumed_from = int(served.requests[-1]["Range"].removeprefix("bytes=").rstrip("-"))
+    assert 0 < resumed_from <= 300_000
+
+
+def test_http_checksum_mismatch_leaves_nothing_behind(tmp_path: Path, kaggle_zip: Path) -> None:
+    payload = kaggle_zip.read_bytes()
+    target = tmp_path / "archive.zip"
+    with serve(Served(payload)) as url, pytest.raises(DownloadError, match="SHA-256"):
+        fetch_http(mirror(url, payload, sha256="0" * 64), target)
+    assert list(tmp_path.glob("archive.zip*")) == []
+
+
+def test_http_404_says_what_failed(tmp_path: Path) -> None:
+    with serve(Served(b"", status=404)) as url, pytest.raises(DownloadError, match="404"):
+        fetch_http(mirror(url, b"abc"), tmp_path / "archive.zip")

@@ -1,0 +1,43 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pipeline.files import atomic_dir, atomic_file, project_root, write_json
+
+
+def test_atomic_dir_replaces_target_only_on_success(tmp_path: Path) -> None:
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "old.txt").write_text("good")
+
+    with pytest.raises(RuntimeError), atomic_dir(target) as staging:
+        (staging / "half.txt").write_text("half")
+        raise RuntimeError("stage failed")
+    assert [p.name for p in target.iterdir()] == ["old.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no staging left behind
+
+    with atomic_dir(target) as staging:
+        (staging / "new.txt").write_text("new")
+    assert [p.name for p in target.iterdir()] == ["new.txt"]
+
+
+def test_atomic_file_keeps_suffix_and_previous_content_on_failure(tmp_path: Path) -> None:
+    target = tmp_path / "model.keras"
+    target.write_text("previous")
+    with pytest.raises(ValueError), atomic_file(target) as staging:
+        assert staging.suffix == ".keras"
+        staging.write_text("partial")
+        raise ValueError
+    assert target.read_text() == "previous"
+    write_json(tmp_path / "m.json", {"b": 1, "a": 2})
+    assert (tmp_path / "m.json").read_text() == '{\n  "a": 2,\n  "b": 1\n}\n'
+
+
+def test_project_root_sees_through_dvc_temporary_experiment_copies(tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    inside = repo / ".dvc" / "tmp" / "exps" / "tmpabc123"
+    inside.mkdir(parents=True)
+    assert project_root(inside) == repo.resolve()
+    assert project_root(repo) == repo.resolve()

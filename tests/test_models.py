@@ -1,0 +1,119 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+
+from pipeline.config import FeaturesConfig, HeadConfig, TrainCnnConfig
+from pipeline.models import (
+    WeightsUnavailableError,
+    build_backbone,
+    build_cnn,
+    build_head,
+    caffe_preprocessing,
+    compose_transfer,
+    make_optimizer,
+)
+
+CNN = TrainCnnConfig(
+    image_size=(32, 32),
+    conv_filters=[8, 8, 16],
+    dense_units=[16],
+    dropout=0.5,
+    batch_norm=False,
+    optimizer="sgd",
+    learning_rate=0.01,
+    momentum=0.9,
+    batch_size=4,
+    epochs=1,
+    patience=1,
+    use_augmented=False,
+)
+FEATURES = FeaturesConfig(
+    backbone="vgg16",
+    weights="none",
+    image_size=(32, 32),
+    pooling="flatten",
+    batch_size=4,
+    include_augmented=False,
+)
+HEAD = HeadConfig(
+    units=8,
+    dropout=0.5,
+    optimizer="adam",
+    learning_rate=1e-3,
+    momentum=0.9,
+    batch_size=4,
+    epochs=1,
+    patience=1,
+)
+
+
+def test_tutorial_cnn_has_three_blocks_and_a_sigmoid() -> None:
+    model = build_cnn(CNN)
+    convs = [layer for layer in model.layers if isinstance(layer, keras.layers.Conv2D)]
+    assert [layer.filters for layer in convs] == [8, 8, 16]
+    assert all(layer.kernel_size == (3, 3) for layer in convs)
+    assert sum(isinstance(layer, keras.layers.MaxPooling2D) for layer in model.layers) == 3
+    assert sum(isinstance(layer, keras.layers.Dropout) for layer in model.layers) == 1
+    assert isinstance(model.optimizer, keras.optimizers.SGD)
+    probs = model.predict(np.zeros((2, 32, 32, 3), "float32"), verbose=0)
+    assert probs.shape == (2, 1) and np.all((probs >= 0) & (probs <= 1))
+
+
+def test_batch_norm_adds_normalization_after_each_conv() -> None:
+    model = build_cnn(CNN.model_copy(update={"batch_norm": True}))
+    assert sum(isinstance(x, keras.layers.BatchNormalization) for x in model.layers) == 3
+
+
+@pytest.mark.parametrize("name", ["adam", "sgd", "rmsprop"])
+def test_optimizer_uses_the_configured_learning_rate(name: str) -> None:
+    optimizer = make_optimizer(HEAD.model_copy(update={"optimizer": name, "learning_rate": 0.05}))
+    assert float(optimizer.learning_rate) == pytest.approx(0.05)
+
+
+def test_caffe_preprocessing_matches_keras_vgg16_preprocess_input() -> None:
+    pixels = np.random.default_rng(0).uniform(0, 255, (2, 5, 5, 3)).astype("float32")
+    expected = keras.applications.vgg16.preprocess_input(pixels.copy())
+    np.testing.assert_allclose(caffe_preprocessing()(pixels), expected, rtol=1e-5, atol=1e-3)
+
+
+def test_backbone_with_random_weights_and_transfer_model_round_trip(tmp_path: Path) -> None:
+    backbone = build_backbone(FEATURES)
+    assert backbone.output_shape == (None, 512)  # 32x32 in, 1x1x512 out
+    assert not any(layer.trainable_weights for layer in backbone.layers)
+    head = build_head(512, HEAD)
+    transfer = compose_transfer(backbone, head)
+    images = np.random.default_rng(1).uniform(0, 255, (3, 32, 32, 3)).astype("float32")
+    direct = head.predict(backbone.predict(images, verbose=0), verbose=0)
+    np.testing.assert_allclose(transfer.predict(images, verbose=0), direct, rtol=1e-5)
+    transfer.save(tmp_path / "transfer.keras")
+    reloaded = keras.models.load_model(tmp_path / "transfer.keras")  # safe mode: no Lambda
+    np.testing.assert_allclose(reloaded.predict(images, verbose=0), direct, rtol=1e-5)
+
+
+def test_avg_pooling_gives_one_value_per_channel() -> None:
+    backbone = build_backbone(
+        FEATURES.model_copy(update={"pooling": "avg", "image_size": (64, 64)})
+    )
+    assert backbone.output_shape == (None, 512)
+
+
+def test_missing_weights_file_is_a_clear_error(tmp_path: Path) -> None:
+    cfg = FEATURES.model_copy(update={"weights": str(tmp_path / "vgg16.h5")})
+    with pytest.raises(WeightsUnavailableError, match="does not exist"):
+        build_backbone(cfg)
+
+
+def test_failed_imagenet_download_names_the_fixes(monkeypatch) -> None:
+    def offline(*args, **kwargs):
+        raise Exception("URL fetch failure on https://storage.googleapis.com/...: None")
+
+    monkeypatch.setattr(keras.applications, "VGG16", offline)
+    with pytest.raises(WeightsUnavailableError) as error:
+        build_backbone(FEATURES.model_copy(update={"weights": "imagenet"}))
+    message = str(error.value)
+    assert "URL fetch failure" in message
+    assert "features.weights to its path" in message and "features.weights to none" in message

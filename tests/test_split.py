@@ -1,0 +1,86 @@
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import SplitConfig
+from pipeline.images import LabeledImage, list_split
+from pipeline.split import check_images, split_files, summarize, write_split
+from tests.conftest import write_kaggle_tree
+
+
+def fake_images(cats: int, dogs: int) -> list[LabeledImage]:
+    return [LabeledImage(Path(f"cat.{i}.jpg"), 0) for i in range(cats)] + [
+        LabeledImage(Path(f"dog.{i}.jpg"), 1) for i in range(dogs)
+    ]
+
+
+CFG = SplitConfig(validation_fraction=0.2, test_fraction=0.1)
+
+
+def test_split_is_disjoint_complete_and_stratified() -> None:
+    images = fake_images(100, 100)
+    splits = split_files(images, CFG, seed=1)
+    sizes = {name: len(items) for name, items in splits.items()}
+    assert sizes == {"train": 140, "validation": 40, "test": 20}
+    seen = [item.path for items in splits.values() for item in items]
+    assert len(seen) == len(set(seen)) == 200
+    for items in splits.values():
+        counts = Counter(item.label for item in items)
+        assert counts[0] == counts[1]
+
+
+def test_split_depends_only_on_the_seed() -> None:
+    images = fake_images(30, 30)
+    first = split_files(images, CFG, seed=7)
+    assert split_files(list(reversed(images)), CFG, seed=7) == first
+    assert split_files(images, CFG, seed=8) != first
+
+
+def test_cap_keeps_class_balance() -> None:
+    splits = split_files(fake_images(300, 100), CFG.model_copy(update={"n": 40}), seed=0)
+    everything = [item for items in splits.values() for item in items]
+    assert len(everything) == 40
+    assert Counter(item.label for item in everything) == {0: 30, 1: 10}
+
+
+def test_too_few_images_give_a_clear_error() -> None:
+    with pytest.raises(ValueError, match="too few"):
+        split_files(fake_images(2, 2), CFG, seed=0)
+    with pytest.raises(ValueError, match="both cats and dogs"):
+        split_files(fake_images(10, 0), CFG, seed=0)
+
+
+def test_bad_images_are_skipped_and_odd_formats_reencoded(tmp_path: Path) -> None:
+    write_kaggle_tree(tmp_path / "raw", per_class=10)
+    (tmp_path / "raw/train/cat.0.jpg").write_bytes(b"")
+    png = tmp_path / "raw/train/dog.0.jpg"
+    from PIL import Image
+
+    with Image.open(tmp_path / "raw/train/dog.1.jpg") as image:
+        image.save(png, format="PNG")
+    images = [
+        LabeledImage(p, 0 if p.name.startswith("cat") else 1)
+        for p in sorted((tmp_path / "raw/train").iterdir())
+    ]
+    verdicts = check_images(images)
+    problems = {v.image.path.name: v.problem for v in verdicts if v.problem}
+    assert problems == {"cat.0.jpg": "empty file"}
+    reencode = {v.image.path for v in verdicts if v.needs_reencoding}
+    assert reencode == {png}
+
+    usable = [v.image for v in verdicts if v.problem is None]
+    splits = split_files(usable, SplitConfig(validation_fraction=0.25, test_fraction=0.25), seed=0)
+    write_split(splits, reencode, tmp_path / "split")
+    written = {
+        i.path.name
+        for s in ("train", "validation", "test")
+        for i in list_split(tmp_path / "split" / s)
+    }
+    assert len(written) == 19 and "dog.0.jpg" in written
+    dog0 = next((tmp_path / "split").rglob("dog.0.jpg")).read_bytes()
+    assert dog0[:3] == b"\xff\xd8\xff"  # now a JPEG
+    summary = summarize(splits, skipped=1, reencoded=1)
+    assert summary["total"] == 19 and summary["skipped"] == 1

@@ -1,0 +1,71 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlflow
+import pytest
+from mlflow.tracking import MlflowClient
+
+from pipeline import tracking
+
+
+@pytest.fixture
+def workspace(tmp_path: Path, monkeypatch) -> Path:
+    monkeypatch.chdir(tmp_path)
+    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "DVC_EXP_NAME"):
+        # set, then delete: teardown then also removes what mlflow.set_tracking_uri exports
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
+    yield tmp_path
+    mlflow.end_run()
+
+
+def test_default_store_is_absolute_and_shared_with_dvc_temp_copies(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    inside = tmp_path / ".dvc" / "tmp" / "exps" / "tmpxyz"
+    inside.mkdir(parents=True)
+    monkeypatch.chdir(inside)
+    assert tracking.tracking_uri() == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    assert tracking.tracking_uri() == "http://127.0.0.1:5000"
+
+
+def test_execution_identity(repo_config) -> None:
+    key, name = tracking.execution_identity(repo_config, "abcdef123456", None)
+    assert key.startswith("repro:abcdef123456:") and name.startswith("repro-abcdef1-")
+    key2, name2 = tracking.execution_identity(repo_config, "abcdef123456", "quick-fox")
+    assert name2 == "quick-fox" and key2 != key
+    changed = repo_config.model_copy(
+        update={"head": repo_config.head.model_copy(update={"learning_rate": 0.5})}
+    )
+    assert tracking.execution_identity(changed, "abcdef123456", None)[0] != key
+
+
+def test_stages_of_one_execution_share_one_parent(workspace, repo_config, monkeypatch):
+    monkeypatch.setenv("DVC_EXP_NAME", "brisk-lynx")
+    with tracking.stage_run("split", repo_config, "common", "split") as first:
+        mlflow.log_metric("images_total", 10)
+    with tracking.stage_run("evaluate", repo_config, "evaluate") as second:
+        tracking.log_to_parent(second, {"cnn_test_accuracy": 0.8})
+
+    parent_id = tracking.parent_run_id(first)
+    assert tracking.parent_run_id(second) == parent_id
+    client = MlflowClient(tracking.tracking_uri())
+    parent = client.get_run(parent_id)
+    assert parent.info.run_name == "brisk-lynx"
+    assert parent.data.tags["dvc.exp_name"] == "brisk-lynx"
+    assert parent.data.metrics == {"cnn_test_accuracy": 0.8}
+    split = client.get_run(first.info.run_id)
+    assert split.data.params["split.validation_fraction"] == "0.2"
+    assert split.data.params["common.seed"] == "42"
+    assert not any(name.startswith("head.") for name in split.data.params)
+    experiment = client.get_experiment(parent.info.experiment_id)
+    assert experiment.name == "dogs-vs-cats"
+    assert experiment.artifact_location == (workspace / "mlartifacts").resolve().as_uri()
+
+
+def test_a_failing_stage_marks_its_run_failed(workspace, repo_config):
+    with pytest.raises(SystemExit), tracking.stage_run("download", repo_config, "download") as run:
+        raise SystemExit("download: boom")
+    status = MlflowClient(tracking.tracking_uri()).get_run(run.info.run_id).info.status
+    assert status == "FAILED"
