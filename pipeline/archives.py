@@ -13,6 +13,8 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+from tqdm import tqdm
+
 ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz")
 
 # The full dataset is 25,000 images in about 850 MB; these leave room for the Kaggle
@@ -77,7 +79,7 @@ def extract_zip(archive: Path, target: Path, limits: Limits = Limits()) -> int:
         members = zf.infolist()
         _check_totals(len(members), sum(m.file_size for m in members), limits)
         budget = limits.max_total_bytes
-        for member in members:
+        for member in tqdm(members, desc=f"extract {archive.name}", unit="file", mininterval=2):
             relative = safe_member_path(member.filename)
             mode = member.external_attr >> 16
             if mode and (mode & 0o170000) not in (0, 0o100000, 0o040000):
@@ -99,7 +101,7 @@ def extract_tar(archive: Path, target: Path, limits: Limits = Limits()) -> int:
         members = tf.getmembers()
         _check_totals(len(members), sum(m.size for m in members), limits)
         budget = limits.max_total_bytes
-        for member in members:
+        for member in tqdm(members, desc=f"extract {archive.name}", unit="file", mininterval=2):
             relative = safe_member_path(member.name)
             if not (member.isfile() or member.isdir()):
                 raise UnsafeArchiveError(

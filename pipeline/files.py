@@ -22,7 +22,13 @@ DVC_TEMP_EXPERIMENTS = Path(".dvc") / "tmp" / "exps"
 
 
 def project_root(cwd: Path | None = None) -> Path:
-    """The repository the user works in, also from inside a DVC temporary experiment copy."""
+    """The repository the user works in, also from inside a DVC temporary experiment copy.
+
+    DVC sets `DVC_ROOT` to that repository for the stages it runs (queued and `--temp`
+    experiments included); outside DVC the folder is recognised by its path.
+    """
+    if cwd is None and os.environ.get("DVC_ROOT"):
+        return Path(os.environ["DVC_ROOT"]).resolve()
     here = (cwd or Path.cwd()).resolve()
     parts = here.parts
     marker = DVC_TEMP_EXPERIMENTS.parts

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import mlflow
 from sklearn.model_selection import train_test_split
+from tqdm import tqdm
 
 from pipeline import tracking
 from pipeline.config import ConfigError, SplitConfig, load_config
@@ -49,10 +50,11 @@ def check_image(image: LabeledImage) -> Verdict:
 
 def check_images(images: list[LabeledImage], workers: int | None = None) -> list[Verdict]:
     """Decodes every image, in parallel processes since PIL decoding is CPU-bound."""
+    progress = {"desc": "check images", "unit": "image", "total": len(images), "mininterval": 2}
     if len(images) < 256:
-        return [check_image(image) for image in images]
+        return [check_image(image) for image in tqdm(images, **progress)]
     with ProcessPoolExecutor(max_workers=workers) as pool:
-        return list(pool.map(check_image, images, chunksize=64))
+        return list(tqdm(pool.map(check_image, images, chunksize=64), **progress))
 
 
 def split_files(
@@ -97,7 +99,7 @@ def target_name(image: LabeledImage, taken: set[str]) -> str:
 def write_split(splits: dict[str, list[LabeledImage]], reencode: set[Path], target: Path) -> None:
     for split, images in splits.items():
         taken: dict[int, set[str]] = {label: set() for label in range(len(CLASS_NAMES))}
-        for image in images:
+        for image in tqdm(images, desc=f"write {split}", unit="image", mininterval=2):
             folder = target / split / CLASS_NAMES[image.label]
             folder.mkdir(parents=True, exist_ok=True)
             data = image.path.read_bytes()

@@ -41,3 +41,9 @@ def test_project_root_sees_through_dvc_temporary_experiment_copies(tmp_path: Pat
     inside.mkdir(parents=True)
     assert project_root(inside) == repo.resolve()
     assert project_root(repo) == repo.resolve()
+
+
+def test_project_root_follows_dvc_root_when_dvc_runs_the_stage(tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path / "user-repo"))
+    assert project_root() == (tmp_path / "user-repo").resolve()

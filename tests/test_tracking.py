@@ -12,7 +12,7 @@ from pipeline import tracking
 @pytest.fixture
 def workspace(tmp_path: Path, monkeypatch) -> Path:
     monkeypatch.chdir(tmp_path)
-    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "DVC_EXP_NAME"):
+    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "DVC_EXP_NAME", "DVC_ROOT"):
         # set, then delete: teardown then also removes what mlflow.set_tracking_uri exports
         monkeypatch.setenv(name, "")
         monkeypatch.delenv(name)
@@ -22,6 +22,7 @@ def workspace(tmp_path: Path, monkeypatch) -> Path:
 
 def test_default_store_is_absolute_and_shared_with_dvc_temp_copies(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("DVC_ROOT", raising=False)
     inside = tmp_path / ".dvc" / "tmp" / "exps" / "tmpxyz"
     inside.mkdir(parents=True)
     monkeypatch.chdir(inside)
