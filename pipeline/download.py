@@ -122,8 +122,9 @@ def fetch_http(mirror: MirrorConfig, destination: Path, timeout: float = 60.0) -
                         out.write(chunk)
                         bar.update(len(chunk))
     except requests.RequestException as error:
+        what = "timed out" if isinstance(error, requests.Timeout) else f"failed: {error}"
         raise DownloadError(
-            f"Downloading {url} failed: {error}.\n"
+            f"Downloading {url} {what}.\n"
             f"{partial.stat().st_size if partial.exists() else 0} bytes are kept in {partial}; "
             "run the stage again to resume, or use download.source: local with a copy you have."
         ) from error
@@ -145,6 +146,39 @@ def fetch_http(mirror: MirrorConfig, destination: Path, timeout: float = 60.0) -
     return destination
 
 
+def kaggle_error_help(competition: str, error: Exception) -> str:
+    """One paragraph saying what went wrong with the Kaggle download and what to do.
+
+    Built from the error's type and HTTP status only, never its text or the environment, so
+    no credential can leak into logs or MLflow.
+    """
+    import requests
+
+    status = getattr(getattr(error, "response", None), "status_code", None)
+    name = type(error).__name__
+    if name in ("UnauthenticatedError", "CredentialError") or status == 401:
+        return (
+            "Kaggle did not accept your credentials (or found none). Create an API token at "
+            "https://www.kaggle.com/settings and put it in ~/.kaggle/kaggle.json, or set "
+            "KAGGLE_USERNAME and KAGGLE_KEY; or use download.source: petimages, which needs "
+            "no account."
+        )
+    if status == 403:
+        return (
+            f"Kaggle refused the download of '{competition}': the competition's rules have not "
+            f"been accepted for this account. Accept them at "
+            f"https://www.kaggle.com/competitions/{competition}/rules, then run again."
+        )
+    if status == 404:
+        return f"Kaggle has no competition '{competition}': check download.kaggle_competition."
+    if isinstance(error, (requests.ConnectionError, requests.Timeout)):
+        return (
+            "Could not reach Kaggle (network error). Check your connection or proxy and run "
+            "again; download.source: local takes a copy you already have."
+        )
+    return f"The Kaggle download of '{competition}' failed ({name}, HTTP status {status})."
+
+
 def fetch_kaggle(competition: str) -> Path:
     """Downloads the competition's files with `kagglehub`, using the user's Kaggle credentials."""
     try:
@@ -154,16 +188,9 @@ def fetch_kaggle(competition: str) -> Path:
             "download.source is kaggle, but kagglehub is not installed: pip install -e '.[kaggle]'"
         ) from error
     try:
-        path = Path(kagglehub.competition_download(competition))
+        return Path(kagglehub.competition_download(competition))
     except Exception as error:
-        raise DownloadError(
-            f"The Kaggle download of '{competition}' failed ({type(error).__name__}).\n"
-            "Check that your credentials are set (KAGGLE_USERNAME and KAGGLE_KEY, or "
-            "~/.kaggle/kaggle.json), and that you accepted the competition's rules at "
-            f"https://www.kaggle.com/competitions/{competition}/rules. Or use "
-            "download.source: petimages, which needs no account."
-        ) from None
-    return path
+        raise DownloadError(kaggle_error_help(competition, error)) from None
 
 
 def populate_raw(source: Path, staging: Path) -> None:

@@ -94,3 +94,36 @@ def tiny_pipeline(tmp_path_factory: pytest.TempPathFactory):
     copy = PipelineCopy.create(tmp_path_factory.mktemp("repo"), archive)
     copy.first_repro_output = copy.dvc("repro")
     return copy
+
+
+@pytest.fixture
+def stage_workspace(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kaggle_zip: Path) -> Path:
+    """A folder with tiny params.yaml, as cwd, where a stage's `main()` can run in-process."""
+    import yaml
+
+    from tests.pipeline_copy import TINY_PARAMS
+
+    params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+    for section, values in TINY_PARAMS.items():
+        params[section].update(values)
+    params["download"].update(source="local", local_path=str(kaggle_zip))
+    workspace = tmp_path / "workspace"
+    workspace.mkdir()
+    (workspace / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    monkeypatch.chdir(workspace)
+    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "DVC_EXP_NAME", "DVC_ROOT"):
+        monkeypatch.setenv(name, "")  # so teardown removes what mlflow exports
+        monkeypatch.delenv(name)
+    yield workspace
+    import mlflow
+
+    mlflow.end_run()
+
+
+def set_params(workspace: Path, section: str, **values) -> None:
+    import yaml
+
+    path = workspace / "params.yaml"
+    params = yaml.safe_load(path.read_text())
+    params[section].update(values)
+    path.write_text(yaml.safe_dump(params, sort_keys=False))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -15,6 +16,7 @@ class Served:
     support_ranges: bool = True
     cut_after: int | None = None  # close the connection after this many bytes, once
     status: int = 200
+    stall_seconds: float = 0  # wait this long before answering, as a hung server would
     requests: list[dict[str, str]] = field(default_factory=list)
 
 
@@ -25,6 +27,9 @@ def make_handler(served: Served) -> type[BaseHTTPRequestHandler]:
 
         def do_GET(self) -> None:
             served.requests.append(dict(self.headers))
+            if served.stall_seconds:
+                time.sleep(served.stall_seconds)
+                return
             if served.status != 200:
                 self.send_error(served.status)
                 return

@@ -1,20 +1,23 @@
 from __future__ import annotations
 
 import hashlib
+import shutil
 import tarfile
 from pathlib import Path
 
 import pytest
 
+from pipeline import download
 from pipeline.config import DownloadConfig, MirrorConfig
 from pipeline.download import (
     DownloadError,
     acquire,
     detect_layout,
     fetch_http,
+    fetch_kaggle,
     populate_raw,
 )
-from tests.conftest import write_petimages_tree
+from tests.conftest import set_params, write_petimages_tree
 from tests.http_fixture import Served, serve
 
 
@@ -113,3 +116,78 @@ def test_http_checksum_mismatch_leaves_nothing_behind(tmp_path: Path, kaggle_zip
 def test_http_404_says_what_failed(tmp_path: Path) -> None:
     with serve(Served(b"", status=404)) as url, pytest.raises(DownloadError, match="404"):
         fetch_http(mirror(url, b"abc"), tmp_path / "archive.zip")
+
+
+def test_a_server_that_stops_answering_times_out(tmp_path: Path) -> None:
+    served = Served(b"x" * 1000, stall_seconds=3)
+    with serve(served) as url, pytest.raises(DownloadError, match="timed out"):
+        fetch_http(mirror(url, served.payload), tmp_path / "archive.zip", timeout=0.5)
+
+
+def kaggle_failure(status: int | None = None, error: type[Exception] | None = None):
+    import requests
+    from kagglehub import exceptions
+
+    def download(handle: str, *args, **kwargs) -> str:
+        if error is not None:
+            raise error("User is not authenticated")
+        response = requests.Response()
+        response.status_code = status
+        raise exceptions.KaggleApiHTTPError(f"{status} Client Error", response=response)
+
+    return download
+
+
+@pytest.mark.parametrize(
+    ("failure", "expected"),
+    [
+        (
+            kaggle_failure(error=__import__("kagglehub").exceptions.UnauthenticatedError),
+            "kaggle.json",
+        ),
+        (kaggle_failure(status=401), "did not accept your credentials"),
+        (kaggle_failure(status=403), "rules have not been accepted"),
+        (kaggle_failure(status=404), "no competition named"),
+    ],
+    ids=["no-credentials", "bad-credentials", "rules-not-accepted", "unknown-competition"],
+)
+def test_kaggle_failures_say_what_to_do(monkeypatch, failure, expected) -> None:
+    import kagglehub
+
+    monkeypatch.setattr(kagglehub, "competition_download", failure)
+    with pytest.raises(DownloadError, match=expected):
+        fetch_kaggle("dogs-vs-cats")
+
+
+def test_kaggle_download_is_unpacked_like_a_local_copy(tmp_path, monkeypatch, kaggle_zip) -> None:
+    import kagglehub
+
+    competition = tmp_path / "kagglehub-cache"
+    competition.mkdir()
+    shutil.copy(kaggle_zip, competition / "train.zip")
+    monkeypatch.setattr(kagglehub, "competition_download", lambda handle, **kw: str(competition))
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    populate_raw(fetch_kaggle("dogs-vs-cats"), raw)
+    assert detect_layout(raw).per_class == {"cats": 12, "dogs": 12}
+
+
+def test_kaggle_credentials_never_reach_logs_or_mlflow(stage_workspace, monkeypatch, capsys):
+    import kagglehub
+
+    secret = "planted-secret-3f9c2a"
+    monkeypatch.setenv("KAGGLE_USERNAME", "someone")
+    monkeypatch.setenv("KAGGLE_KEY", secret)
+    monkeypatch.setattr(kagglehub, "competition_download", kaggle_failure(status=403))
+    set_params(stage_workspace, "download", source="kaggle")
+
+    with pytest.raises(SystemExit) as exit_info:
+        download.main()
+
+    assert "rules have not been accepted" in str(exit_info.value.code)
+    printed = capsys.readouterr()
+    assert secret not in printed.out + printed.err + str(exit_info.value.code)
+    stored = [p for p in stage_workspace.rglob("*") if p.is_file()]
+    assert any(p.name == "mlflow.db" for p in stored)
+    for path in stored:
+        assert secret.encode() not in path.read_bytes(), path

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import csv
 from collections import Counter
 from pathlib import Path
 
@@ -84,3 +85,76 @@ def test_bad_images_are_skipped_and_odd_formats_reencoded(tmp_path: Path) -> Non
     assert dog0[:3] == b"\xff\xd8\xff"  # now a JPEG
     summary = summarize(splits, skipped=1, reencoded=1)
     assert summary["total"] == 19 and summary["skipped"] == 1
+
+
+def bad_image_corpus(folder: Path) -> dict[str, str | None]:
+    """Writes images of every troublesome kind; returns file name -> expected skip reason."""
+    import io
+
+    from PIL import Image
+
+    from tests.conftest import jpeg_bytes, photo
+
+    def encoded(image: Image.Image, fmt: str) -> bytes:
+        out = io.BytesIO()
+        image.save(out, format=fmt)
+        return out.getvalue()
+
+    corpus = {
+        "cat.900.jpg": (b"", "empty file"),
+        "cat.901.jpg": (jpeg_bytes(photo(0, 901))[:200], "corrupt image"),
+        "cat.902.jpg": (b"<html>404 Not Found</html>", "not a readable image"),
+        "cat.903.jpg": (encoded(Image.new("L", (9000, 6000)), "PNG"), "too large"),
+        "cat.904.jpg": (jpeg_bytes(Image.new("RGB", (3, 3))), "too small"),
+        "dog.900.jpg": (encoded(photo(1, 900), "PNG"), None),
+        "dog.901.jpg": (encoded(photo(1, 901), "GIF"), None),
+        "dog.902.jpg": (encoded(photo(1, 902), "BMP"), None),
+        "dog.903.jpg": (encoded(photo(1, 903).convert("CMYK"), "JPEG"), None),
+        "dog.904.jpg": (jpeg_bytes(photo(1, 904).convert("L")), None),
+    }
+    for name, (data, _) in corpus.items():
+        (folder / name).write_bytes(data)
+    return {name: reason for name, (_, reason) in corpus.items()}
+
+
+def test_bad_images_in_real_looking_data_are_reported_and_raw_stays_intact(
+    stage_workspace, tmp_path
+) -> None:
+    import hashlib
+    import json
+
+    from mlflow.tracking import MlflowClient
+
+    from pipeline import download, split, tracking
+    from tests.conftest import set_params
+
+    source = tmp_path / "messy"
+    write_kaggle_tree(source, per_class=12)
+    expected = bad_image_corpus(source / "train")
+    set_params(stage_workspace, "download", local_path=str(source))
+    before = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in source.rglob("*.jpg")}
+
+    download.main()
+    split.main()
+
+    skipped = list(csv.DictReader((stage_workspace / "reports/split/skipped.csv").open()))
+    reasons = {Path(row["file"]).name: row["reason"] for row in skipped}
+    bad = {name: reason for name, reason in expected.items() if reason}
+    assert set(reasons) == set(bad)
+    for name, reason in bad.items():
+        assert reasons[name].startswith(reason)
+    summary = json.loads((stage_workspace / "reports/split/summary.json").read_text())
+    assert summary["skipped"] == 5 and summary["reencoded"] == 4
+    assert summary["total"] == 24 + 5
+    assert {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in source.rglob("*.jpg")} == before
+    raw = stage_workspace / "data/raw/train"
+    assert len(list(raw.glob("*.jpg"))) == 34  # the raw copy keeps the bad files too
+    run = MlflowClient(tracking.tracking_uri()).search_runs(
+        [
+            MlflowClient(tracking.tracking_uri())
+            .get_experiment_by_name("dogs-vs-cats")
+            .experiment_id
+        ],
+        filter_string="tags.`pipeline.stage` = 'split'",
+    )[0]
+    assert run.data.metrics["images_skipped"] == 5

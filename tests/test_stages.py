@@ -1,0 +1,42 @@
+"""Each stage, run as DVC runs it, refuses clearly when its inputs are missing or wrong."""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import set_params
+
+
+@pytest.mark.parametrize(
+    ("stage", "message"),
+    [
+        ("split", "both cats and dogs"),
+        ("augment", "run the split stage"),
+        ("train_cnn", "run the split stage first"),
+        ("extract_features", "run the split stage first"),
+        ("train_head", "run the extract_features stage first"),
+        ("evaluate", "run the training stages first"),
+    ],
+)
+def test_a_stage_without_its_inputs_exits_with_a_hint(stage_workspace, stage, message):
+    (stage_workspace / "data" / "raw").mkdir(parents=True)
+    module = importlib.import_module(f"pipeline.{stage}")
+    with pytest.raises(SystemExit) as exit_info:
+        module.main()
+    assert message in str(exit_info.value.code)
+
+
+def test_invalid_params_stop_a_stage_before_it_touches_anything(stage_workspace: Path):
+    from pipeline import download
+
+    set_params(stage_workspace, "split", validation_fraction=0.9, test_fraction=0.5)
+    set_params(stage_workspace, "head", learning_rate=-1)
+    with pytest.raises(SystemExit) as exit_info:
+        download.main()
+    message = str(exit_info.value.code)
+    assert "split: validation_fraction + test_fraction must be below 1" in message
+    assert "head.learning_rate" in message
+    assert sorted(p.name for p in stage_workspace.iterdir()) == ["params.yaml"]
