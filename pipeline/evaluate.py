@@ -3,29 +3,35 @@
 The scratch CNN reads the test images; the transfer model is scored through its head on the
 stored test features, which is the same computation as `transfer.keras` on the images
 without running VGG16 a second time. Writes DVC metrics and plots under `reports/evaluate`
-and logs the same numbers to MLflow, on this stage's run and on the execution's parent.
+and logs the same numbers to MLflow: on this stage's run, on the execution's parent, and on
+each logged model, so the registry can pick the best one.
 """
 
 from __future__ import annotations
 
 import csv
+import json
 import sys
 from pathlib import Path
 
 import keras
 import mlflow
 import numpy as np
+from PIL import Image
 from sklearn import metrics as skm
+from sklearn.calibration import calibration_curve
 
 from pipeline import plots, tracking
 from pipeline.config import ConfigError, load_config
 from pipeline.datasets import image_dataset
 from pipeline.extract_features import load_features
 from pipeline.files import atomic_file, write_json, write_text
-from pipeline.images import CLASS_NAMES, list_split
+from pipeline.images import CLASS_NAMES, LabeledImage, list_split
 
 METRIC_NAMES = ("accuracy", "precision", "recall", "f1", "roc_auc", "log_loss")
 EPSILON = 1e-7  # keeps log loss finite for a confident wrong answer, as Kaggle clips
+GALLERY_SIZE = 12
+CALIBRATION_BINS = 10
 
 
 def classification_metrics(
@@ -77,6 +83,44 @@ def write_roc(path: Path, labels: np.ndarray, probs: np.ndarray) -> tuple[np.nda
     return fpr, tpr
 
 
+def confident_mistakes(
+    files: list[str], labels: np.ndarray, probs: np.ndarray, threshold: float, count: int
+) -> list[tuple[str, int, float]]:
+    """`(file, true label, P(dog))` of the wrong answers given with the most confidence."""
+    wrong = np.flatnonzero((probs >= threshold).astype(int) != labels)
+    ranked = wrong[np.argsort(-np.abs(probs[wrong] - threshold), kind="stable")]
+    return [(files[i], int(labels[i]), float(probs[i])) for i in ranked[:count]]
+
+
+def thumbnail(path: str, size: int = 160) -> np.ndarray:
+    with Image.open(path) as image:
+        image = image.convert("RGB")
+        image.thumbnail((size, size))
+        return np.asarray(image)
+
+
+def mistakes_figure(name: str, mistakes: list[tuple[str, int, float]]):
+    captions = [
+        f"{Path(file).name}\n{CLASS_NAMES[label][:-1]}, P(dog)={prob:.2f}"
+        for file, label, prob in mistakes
+    ]
+    title = f"{name}: most confident mistakes on the test split"
+    return plots.gallery([thumbnail(file) for file, _, _ in mistakes], captions, title)
+
+
+def save_figure(figure, path: Path) -> None:
+    with atomic_file(path) as staging:
+        figure.savefig(staging)
+
+
+def logged_model_id(training_metrics: Path) -> str | None:
+    """The MLflow logged-model id a training stage recorded beside its metrics, if any."""
+    try:
+        return json.loads(training_metrics.read_text()).get("mlflow_model_id")
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
 def predict_cnn(
     model_path: Path, split_root: Path, batch_size: int
 ) -> tuple[list[str], np.ndarray, np.ndarray]:
@@ -108,24 +152,18 @@ def main() -> None:
         }
     except (FileNotFoundError, ValueError) as error:
         sys.exit(f"evaluate: {error}; run the training stages first")
+    model_ids = {
+        "cnn": logged_model_id(paths.reports.train_cnn / "metrics.json"),
+        "transfer": logged_model_id(paths.reports.train_head / "metrics.json"),
+    }
     with tracking.stage_run("evaluate", cfg, "evaluate") as run:
-        results: dict[str, dict[str, float]] = {}
-        curves = {}
-        for name, (files, labels, probs) in predictions.items():
-            results[name] = classification_metrics(labels, probs, threshold)
-            write_predictions(reports / f"predictions_{name}.csv", files, labels, probs, threshold)
-            fpr, tpr = write_roc(reports / f"roc_{name}.csv", labels, probs)
-            curves[name] = (fpr, tpr, results[name]["roc_auc"])
-            matrix = skm.confusion_matrix(labels, (probs >= threshold).astype(int), labels=[0, 1])
-            with atomic_file(reports / f"confusion_{name}.png") as staging:
-                plots.confusion_matrix(matrix, CLASS_NAMES, f"{name} on the test split").savefig(
-                    staging
-                )
-        with atomic_file(reports / "roc.png") as staging:
-            plots.roc_curves(curves).savefig(staging)
-        write_json(reports / "metrics.json", results)
-        table = comparison_table(results)
-        write_text(reports / "comparison.md", table)
+        files, labels, _ = predictions["cnn"]
+        tracking.log_image_inputs(
+            [LabeledImage(Path(f), int(y)) for f, y in zip(files, labels, strict=True)],
+            "test",
+            "evaluation",
+        )
+        results = write_reports(predictions, threshold, reports)
         flat = {
             f"{model}_test_{name}": value
             for model, scores in results.items()
@@ -133,8 +171,52 @@ def main() -> None:
         }
         mlflow.log_metrics(flat)
         tracking.log_to_parent(run, flat)
+        for model, model_id in model_ids.items():
+            if model_id:
+                # On the logged model and the run that trained it, not on this stage's run,
+                # where both models' `test_accuracy` would collide.
+                scores = {f"test_{name}": value for name, value in results[model].items()}
+                source_run = mlflow.get_logged_model(model_id).source_run_id
+                mlflow.log_metrics(scores, model_id=model_id, run_id=source_run)
+        ids = {
+            "mlflow_run_id": run.info.run_id,
+            "mlflow_parent_run_id": tracking.parent_run_id(run),
+        }
+        write_json(reports / "metrics.json", {**results, **ids})
         mlflow.log_artifacts(str(reports), artifact_path="reports")
+    table = comparison_table(results)
     print("evaluate: test split results\n" + table)
+
+
+def write_reports(
+    predictions: dict[str, tuple[list[str], np.ndarray, np.ndarray]],
+    threshold: float,
+    reports: Path,
+) -> dict[str, dict[str, float]]:
+    """Metrics, per-image predictions, curves and figures of every model; returns the metrics."""
+    results: dict[str, dict[str, float]] = {}
+    roc, precision_recall, calibrations = {}, {}, {}
+    for name, (files, labels, probs) in predictions.items():
+        results[name] = classification_metrics(labels, probs, threshold)
+        write_predictions(reports / f"predictions_{name}.csv", files, labels, probs, threshold)
+        fpr, tpr = write_roc(reports / f"roc_{name}.csv", labels, probs)
+        roc[name] = (fpr, tpr, results[name]["roc_auc"])
+        precision, recall, _ = skm.precision_recall_curve(labels, probs)
+        precision_recall[name] = (recall, precision, skm.average_precision_score(labels, probs))
+        observed, predicted = calibration_curve(labels, probs, n_bins=CALIBRATION_BINS)
+        calibrations[name] = (predicted, observed)
+        matrix = skm.confusion_matrix(labels, (probs >= threshold).astype(int), labels=[0, 1])
+        title = f"{name} on the test split"
+        save_figure(
+            plots.confusion_matrix(matrix, CLASS_NAMES, title), reports / f"confusion_{name}.png"
+        )
+        mistakes = confident_mistakes(files, labels, probs, threshold, GALLERY_SIZE)
+        save_figure(mistakes_figure(name, mistakes), reports / f"mistakes_{name}.png")
+    save_figure(plots.roc_curves(roc), reports / "roc.png")
+    save_figure(plots.precision_recall_curves(precision_recall), reports / "precision_recall.png")
+    save_figure(plots.calibration(calibrations), reports / "calibration.png")
+    write_text(reports / "comparison.md", comparison_table(results))
+    return results
 
 
 if __name__ == "__main__":

@@ -75,3 +75,52 @@ def roc_curves(curves: Mapping[str, tuple[np.ndarray, np.ndarray, float]]) -> Fi
     axis.grid(alpha=0.3)
     figure.tight_layout()
     return figure
+
+
+def precision_recall_curves(curves: Mapping[str, tuple[np.ndarray, np.ndarray, float]]) -> Figure:
+    """`curves` maps a model name to `(recall, precision, average precision)`."""
+    figure = Figure(figsize=(5, 5))
+    axis = figure.subplots()
+    for name, (recall, precision, average) in curves.items():
+        axis.plot(recall, precision, label=f"{name} (AP {average:.3f})")
+    axis.set_xlabel("recall (dogs found)")
+    axis.set_ylabel("precision (dog predictions right)")
+    axis.set_title("Precision-recall on the test split")
+    axis.legend(loc="lower left")
+    axis.grid(alpha=0.3)
+    figure.tight_layout()
+    return figure
+
+
+def calibration(curves: Mapping[str, tuple[np.ndarray, np.ndarray]]) -> Figure:
+    """`curves` maps a model name to `(mean predicted probability, fraction of dogs)` per bin."""
+    figure = Figure(figsize=(5, 5))
+    axis = figure.subplots()
+    axis.plot([0, 1], [0, 1], ":", color="grey", label="perfectly calibrated")
+    for name, (predicted, observed) in curves.items():
+        axis.plot(predicted, observed, marker="o", label=name)
+    axis.set_xlabel("predicted probability of a dog")
+    axis.set_ylabel("fraction that are dogs")
+    axis.set_title("Calibration on the test split")
+    axis.legend(loc="upper left")
+    axis.grid(alpha=0.3)
+    figure.tight_layout()
+    return figure
+
+
+def gallery(images: Sequence[np.ndarray], captions: Sequence[str], title: str) -> Figure:
+    """Images in a grid, each with a caption; an empty gallery says so."""
+    columns = max(1, min(4, len(images)))
+    rows = max(1, -(-len(images) // columns))
+    figure = Figure(figsize=(2.6 * columns, 2.9 * rows))
+    axes = figure.subplots(rows, columns, squeeze=False)
+    for index, axis in enumerate(axes.flat):
+        axis.axis("off")
+        if index < len(images):
+            axis.imshow(images[index])
+            axis.set_title(captions[index], fontsize=8)
+    if not images:
+        axes[0, 0].text(0.5, 0.5, "no mistakes", ha="center", va="center")
+    figure.suptitle(title)
+    figure.tight_layout()
+    return figure

@@ -15,9 +15,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import keras
+import mlflow
+import mlflow.keras
 import numpy as np
 import tensorflow as tf
 
+from pipeline import tracking
 from pipeline.datasets import load_image
 from pipeline.files import atomic_file
 from pipeline.images import CLASS_NAMES, find_images, inspect_image, is_image_name
@@ -63,6 +66,19 @@ def predict_files(model, files: list[Path], batch_size: int = DEFAULT_BATCH) -> 
     return model.predict(dataset, verbose=0).ravel()
 
 
+def load_model(reference: str) -> keras.Model:
+    """A `.keras` file, or a model from MLflow by URI (`models:/name@alias`, `runs:/...`)."""
+    if ":/" in reference:
+        mlflow.set_tracking_uri(tracking.tracking_uri())
+        try:
+            return mlflow.keras.load_model(reference)
+        except mlflow.exceptions.MlflowException as error:
+            sys.exit(f"predict: cannot load {reference} from MLflow: {error.message}")
+    if not Path(reference).is_file():
+        sys.exit(f"predict: model {reference} not found; train it with `dvc repro` first")
+    return keras.models.load_model(reference)
+
+
 def write_predictions(out, files: list[Path], probs: np.ndarray, threshold: float) -> None:
     writer = csv.writer(out)
     writer.writerow(["file", "prob_dog", "label"])
@@ -75,7 +91,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         prog="python -m pipeline.predict", description="Classify photos as cat or dog."
     )
     parser.add_argument("inputs", nargs="+", type=Path, help="image files or folders")
-    parser.add_argument("--model", type=Path, required=True, help="a trained .keras model")
+    parser.add_argument(
+        "--model",
+        required=True,
+        help="a trained .keras file, or an MLflow model URI such as models:/dogs-vs-cats@champion",
+    )
     parser.add_argument("--out", type=Path, help="CSV to write (default: standard output)")
     parser.add_argument("--threshold", type=float, default=0.5, help="P(dog) for 'dog'")
     parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH)
@@ -84,14 +104,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
-    if not args.model.is_file():
-        sys.exit(f"predict: model {args.model} not found; train it with `dvc repro` first")
+    model = load_model(args.model)
     files, rejected = collect_inputs(args.inputs)
     for path, reason in rejected:
         print(f"predict: skipped {path}: {reason}", file=sys.stderr)
     if not files:
         sys.exit("predict: no readable images given")
-    probs = predict_files(keras.models.load_model(args.model), files, args.batch_size)
+    probs = predict_files(model, files, args.batch_size)
     if args.out:
         with atomic_file(args.out) as staging, staging.open("w", newline="") as handle:
             write_predictions(handle, files, probs, args.threshold)

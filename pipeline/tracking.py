@@ -12,15 +12,19 @@ import hashlib
 import json
 import os
 import subprocess
-from collections.abc import Iterator, Mapping
-from pathlib import Path
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
 
 import mlflow
-from mlflow.entities import Run
+import mlflow.data
+import pandas as pd
+import yaml
+from mlflow.entities import Param, Run
 from mlflow.tracking import MlflowClient
 
-from pipeline.config import Config, flatten
+from pipeline.config import PARAMS_FILE, Config, flatten
 from pipeline.files import project_root
+from pipeline.images import LabeledImage
 
 DEFAULT_EXPERIMENT = "dogs-vs-cats"
 STORE_FILE = "mlflow.db"
@@ -52,14 +56,48 @@ def experiment_name() -> str:
     return os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
 
 
-def git_commit(cwd: Path | None = None) -> str | None:
+def _git(*args: str) -> str | None:
     try:
-        result = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, check=True
-        )
+        result = subprocess.run(["git", *args], capture_output=True, text=True, check=True)
     except (OSError, subprocess.CalledProcessError):
         return None
-    return result.stdout.strip() or None
+    return result.stdout
+
+
+def git_commit() -> str | None:
+    return (_git("rev-parse", "HEAD") or "").strip() or None
+
+
+def baseline_params(revision: str) -> dict[str, Any] | None:
+    """`params.yaml` as committed at `revision`, flattened; None where git cannot tell."""
+    text = _git("show", f"{revision}:{PARAMS_FILE.as_posix()}")
+    if text is None:
+        return None
+    try:
+        return flatten(yaml.safe_load(text) or {})
+    except yaml.YAMLError:
+        return None
+
+
+def params_diff(current: dict[str, Any], baseline: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """`{name: (baseline value, current value)}` for every param that differs."""
+    names = sorted(set(current) | set(baseline))
+    return {
+        name: (baseline.get(name), current.get(name))
+        for name in names
+        if baseline.get(name) != current.get(name)
+    }
+
+
+def describe_execution(diff: dict[str, tuple[Any, Any]] | None, revision: str) -> str:
+    """The Markdown description MLflow shows on the execution's parent run."""
+    if diff is None:
+        return "Pipeline execution (no git baseline to compare params with)."
+    if not diff:
+        return f"Pipeline execution with the params of `{revision[:7]}`."
+    lines = [f"Params changed from `{revision[:7]}`:", ""]
+    lines += [f"- `{name}`: {old} → {new}" for name, (old, new) in diff.items()]
+    return "\n".join(lines)
 
 
 def params_hash(cfg: Config) -> str:
@@ -86,7 +124,12 @@ def ensure_experiment(client: MlflowClient, name: str, artifact_location: str | 
 
 
 def find_or_create_parent(
-    client: MlflowClient, experiment_id: str, key: str, name: str, tags: Mapping[str, str]
+    client: MlflowClient,
+    experiment_id: str,
+    key: str,
+    name: str,
+    tags: Mapping[str, str],
+    params: Mapping[str, Any],
 ) -> Run:
     found = client.search_runs(
         [experiment_id],
@@ -99,6 +142,8 @@ def find_or_create_parent(
     run = client.create_run(
         experiment_id, run_name=name, tags={**tags, KEY_TAG: key, STAGE_TAG: "pipeline"}
     )
+    # Every param on the parent too, so executions compare in MLflow's table and chart views.
+    client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in params.items()])
     # The parent only groups its stages; it is never "running" in the UI.
     client.set_terminated(run.info.run_id, "FINISHED")
     return run
@@ -129,7 +174,12 @@ def stage_run(
         tags["mlflow.source.git.commit"] = commit
     if dvc_exp_name:
         tags[DVC_EXP_TAG] = dvc_exp_name
-    parent = find_or_create_parent(client, experiment_id, key, name, tags)
+    all_params = comparable_params(cfg)
+    baseline = os.environ.get("DVC_EXP_BASELINE_REV") or commit or "HEAD"
+    before = baseline_params(baseline)
+    diff = None if before is None else params_diff(all_params, before)
+    tags["mlflow.note.content"] = describe_execution(diff, baseline)
+    parent = find_or_create_parent(client, experiment_id, key, name, tags, all_params)
     with mlflow.start_run(
         experiment_id=experiment_id,
         run_name=stage,
@@ -140,6 +190,21 @@ def stage_run(
         params = {name: getattr(cfg, name).model_dump(mode="json") for name in sections}
         mlflow.log_params(flatten(params))
         yield run
+
+
+def comparable_params(cfg: Config) -> dict[str, Any]:
+    """Every param that can change a result, flattened; paths only say where files go."""
+    return {k: v for k, v in flatten(cfg).items() if not k.startswith("paths.")}
+
+
+def log_image_inputs(images: Sequence[LabeledImage], name: str, context: str) -> None:
+    """Logs the image files a stage read as an MLflow dataset input (files and labels)."""
+    frame = pd.DataFrame(
+        {"file": [i.path.as_posix() for i in images], "label": [i.label for i in images]}
+    )
+    source = os.path.commonpath([i.path.parent.as_posix() for i in images]) if images else ""
+    dataset = mlflow.data.from_pandas(frame, source=source, targets="label", name=name)
+    mlflow.log_input(dataset, context=context)
 
 
 def parent_run_id(run: Run) -> str:

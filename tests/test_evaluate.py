@@ -7,7 +7,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.evaluate import classification_metrics, comparison_table, write_predictions
+from pipeline.evaluate import (
+    classification_metrics,
+    comparison_table,
+    confident_mistakes,
+    write_predictions,
+    write_reports,
+)
 
 
 def test_metrics_of_a_known_prediction() -> None:
@@ -38,3 +44,39 @@ def test_predictions_csv_feeds_dvc_confusion_plot(tmp_path: Path) -> None:
     write_predictions(path, ["a.jpg", "b.jpg"], np.array([0, 1]), np.array([0.2, 0.3]), 0.5)
     rows = list(csv.DictReader(path.open()))
     assert [(r["actual"], r["predicted"]) for r in rows] == [("cats", "cats"), ("dogs", "cats")]
+
+
+def test_confident_mistakes_come_first_and_right_answers_never() -> None:
+    files = ["a", "b", "c", "d", "e"]
+    labels = np.array([0, 0, 1, 1, 0])
+    probs = np.array([0.99, 0.6, 0.05, 0.9, 0.2])
+    mistakes = confident_mistakes(files, labels, probs, threshold=0.5, count=2)
+    assert mistakes == [("a", 0, 0.99), ("c", 1, 0.05)]
+    assert confident_mistakes(files, labels, probs, 0.5, 10)[-1] == ("b", 0, 0.6)
+
+
+def test_reports_hold_every_figure_and_table(tmp_path: Path) -> None:
+    from tests.conftest import jpeg_bytes, photo
+
+    files = []
+    for i in range(8):
+        path = tmp_path / f"img{i}.jpg"
+        path.write_bytes(jpeg_bytes(photo(i % 2, i)))
+        files.append(str(path))
+    labels = np.array([0, 1] * 4)
+    probs = np.linspace(0.05, 0.95, 8)
+    predictions = {"cnn": (files, labels, probs), "transfer": (files, labels, probs[::-1])}
+    results = write_reports(predictions, 0.5, tmp_path / "reports")
+    assert set(results) == {"cnn", "transfer"}
+    names = {p.name for p in (tmp_path / "reports").iterdir()}
+    for expected in (
+        "roc.png",
+        "precision_recall.png",
+        "calibration.png",
+        "comparison.md",
+        "confusion_cnn.png",
+        "mistakes_transfer.png",
+        "predictions_cnn.csv",
+        "roc_transfer.csv",
+    ):
+        assert expected in names

@@ -1,0 +1,111 @@
+"""Compare pipeline executions in MLflow: one row per execution, the params that differ.
+
+    python -m pipeline.compare                       # sorted by transfer_test_accuracy
+    python -m pipeline.compare --metric cnn_test_log_loss --markdown
+    python -m pipeline.compare --csv > runs.csv
+
+Reads through MLflow's search API, so it works the same against the local SQLite store and
+a shared tracking server (`MLFLOW_TRACKING_URI`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+import mlflow
+import pandas as pd
+
+from pipeline import tracking
+
+DEFAULT_METRIC = "transfer_test_accuracy"
+SHOWN_METRICS = ("accuracy", "roc_auc", "log_loss")
+LOWER_IS_BETTER = ("loss",)
+
+
+def lower_is_better(metric: str) -> bool:
+    return metric.endswith(LOWER_IS_BETTER)
+
+
+def executions(experiment_name: str) -> pd.DataFrame:
+    """The parent run of every pipeline execution in the experiment, newest first."""
+    experiment = mlflow.get_experiment_by_name(experiment_name)
+    if experiment is None:
+        return pd.DataFrame()
+    return mlflow.search_runs(
+        [experiment.experiment_id],
+        filter_string=f"tags.`{tracking.STAGE_TAG}` = 'pipeline'",
+        order_by=["attributes.start_time DESC"],
+    )
+
+
+def comparison(runs: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """One row per execution: its name, the params that differ between rows, test metrics."""
+    if runs.empty:
+        return pd.DataFrame()
+    param_columns = [c for c in runs.columns if c.startswith("params.")]
+    differing = [c for c in param_columns if runs[c].astype(str).nunique(dropna=False) > 1]
+    metric_columns = [
+        f"metrics.{model}_test_{name}" for model in ("cnn", "transfer") for name in SHOWN_METRICS
+    ]
+    if f"metrics.{metric}" not in metric_columns:
+        metric_columns.append(f"metrics.{metric}")
+    table = pd.DataFrame(
+        {
+            "run": runs["tags.mlflow.runName"],
+            "dvc_exp": runs.get(f"tags.{tracking.DVC_EXP_TAG}"),
+            "commit": runs.get(f"tags.{tracking.COMMIT_TAG}", pd.Series(dtype=str)).str[:7],
+            "run_id": runs["run_id"],
+        }
+    )
+    for column in differing:
+        table[column.removeprefix("params.")] = runs[column]
+    for column in metric_columns:
+        table[column.removeprefix("metrics.")] = runs.get(column)
+    sort_key = metric if metric in table else None
+    if sort_key:
+        table = table.sort_values(sort_key, ascending=lower_is_better(metric), na_position="last")
+    return table.reset_index(drop=True)
+
+
+def to_markdown(table: pd.DataFrame) -> str:
+    def cell(value) -> str:
+        if value is None or (isinstance(value, float) and pd.isna(value)):
+            return ""
+        return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+    header = "| " + " | ".join(table.columns) + " |"
+    rule = "|" + "---|" * len(table.columns)
+    rows = ["| " + " | ".join(cell(v) for v in row) + " |" for row in table.itertuples(index=False)]
+    return "\n".join([header, rule, *rows]) + "\n"
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m pipeline.compare", description=__doc__)
+    parser.add_argument("--metric", default=DEFAULT_METRIC, help="metric to sort by")
+    parser.add_argument("--experiment", default=tracking.experiment_name())
+    parser.add_argument("--limit", type=int, default=50, help="show at most this many rows")
+    output = parser.add_mutually_exclusive_group()
+    output.add_argument("--csv", action="store_true", help="CSV on standard output")
+    output.add_argument("--markdown", action="store_true", help="a Markdown table")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    mlflow.set_tracking_uri(tracking.tracking_uri())
+    table = comparison(executions(args.experiment), args.metric).head(args.limit)
+    if table.empty:
+        sys.exit(f"compare: no pipeline executions in experiment '{args.experiment}' yet")
+    if args.csv:
+        table.to_csv(sys.stdout, index=False)
+    elif args.markdown:
+        print(to_markdown(table), end="")
+    else:
+        with pd.option_context("display.width", 200, "display.max_columns", None):
+            print(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+
+
+if __name__ == "__main__":
+    main()

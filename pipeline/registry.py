@@ -1,0 +1,86 @@
+"""Register the best evaluated model and give it an alias, for `pipeline.predict`.
+
+    python -m pipeline.registry promote                      # best test_accuracy -> @champion
+    python -m pipeline.registry promote --metric test_log_loss --model transfer
+
+Every model the training stages log carries the test metrics `evaluate` attached to it
+(`test_accuracy`, `test_log_loss`, ...). Load the champion back with
+`python -m pipeline.predict --model models:/dogs-vs-cats@champion photos/`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import mlflow
+from mlflow.entities import LoggedModel
+from mlflow.tracking import MlflowClient
+
+from pipeline import tracking
+
+DEFAULT_NAME = "dogs-vs-cats"
+DEFAULT_ALIAS = "champion"
+
+
+@dataclass(frozen=True)
+class Candidate:
+    model_id: str
+    name: str
+    score: float
+
+
+def candidates(models: Sequence[LoggedModel], metric: str, name: str | None) -> list[Candidate]:
+    """Logged models that have `metric`, best first (lowest first for losses)."""
+    found = []
+    for model in models:
+        if name and model.name != name:
+            continue
+        values = [m.value for m in model.metrics or [] if m.key == metric]
+        if values:
+            found.append(Candidate(model.model_id, model.name, values[-1]))
+    return sorted(found, key=lambda c: c.score, reverse=not metric.endswith("loss"))
+
+
+def promote(
+    metric: str, model: str | None, registered_name: str, alias: str
+) -> tuple[Candidate, str]:
+    """Registers the best candidate under `registered_name` and points `alias` at it."""
+    experiment = mlflow.get_experiment_by_name(tracking.experiment_name())
+    if experiment is None:
+        raise LookupError(f"no MLflow experiment '{tracking.experiment_name()}' yet")
+    logged = mlflow.search_logged_models([experiment.experiment_id], output_format="list")
+    ranked = candidates(logged, metric, model)
+    if not ranked:
+        raise LookupError(f"no logged model has the metric '{metric}': run the pipeline first")
+    best = ranked[0]
+    version = mlflow.register_model(f"models:/{best.model_id}", registered_name)
+    MlflowClient().set_registered_model_alias(registered_name, alias, version.version)
+    return best, version.version
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m pipeline.registry", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    command = commands.add_parser("promote", help="register the best model and alias it")
+    command.add_argument("--metric", default="test_accuracy")
+    command.add_argument("--model", choices=("cnn", "transfer"), help="only this kind of model")
+    command.add_argument("--name", default=DEFAULT_NAME, help="registered model name")
+    command.add_argument("--alias", default=DEFAULT_ALIAS)
+    args = parser.parse_args(argv)
+    mlflow.set_tracking_uri(tracking.tracking_uri())
+    try:
+        best, version = promote(args.metric, args.model, args.name, args.alias)
+    except LookupError as error:
+        sys.exit(f"registry: {error}")
+    print(
+        f"registry: {best.name} model {best.model_id} ({args.metric} {best.score:.4f}) is "
+        f"version {version} of '{args.name}', alias @{args.alias}: "
+        f"models:/{args.name}@{args.alias}"
+    )
+
+
+if __name__ == "__main__":
+    main()
