@@ -1,0 +1,78 @@
+from __future__ import annotations
+
+import csv
+import io
+
+import mlflow
+import pytest
+from mlflow.entities import Metric, Param
+from mlflow.tracking import MlflowClient
+
+from pipeline import compare, tracking
+
+
+@pytest.fixture
+def store(tmp_path, monkeypatch) -> MlflowClient:
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
+    mlflow.set_tracking_uri(uri)
+    client = MlflowClient(uri)
+    experiment = client.create_experiment(tracking.DEFAULT_EXPERIMENT)
+    executions = [
+        ("baseline", {"head.learning_rate": "0.0001", "head.units": "256"}, 0.80, 0.41),
+        ("fast-lr", {"head.learning_rate": "0.001", "head.units": "256"}, 0.86, 0.35),
+        ("small-head", {"head.learning_rate": "0.0001", "head.units": "64"}, 0.78, 0.47),
+    ]
+    for name, params, accuracy, loss in executions:
+        run = client.create_run(
+            experiment,
+            run_name=name,
+            tags={tracking.STAGE_TAG: "pipeline", tracking.DVC_EXP_TAG: name},
+        )
+        client.log_batch(
+            run.info.run_id,
+            params=[Param(k, v) for k, v in {**params, "common.seed": "42"}.items()],
+            metrics=[
+                Metric("transfer_test_accuracy", accuracy, 0, 0),
+                Metric("transfer_test_log_loss", loss, 0, 0),
+            ],
+        )
+        # A stage run must not show up as an execution of its own.
+        client.create_run(
+            experiment, run_name="train_head", tags={tracking.STAGE_TAG: "train_head"}
+        )
+    return client
+
+
+def test_one_row_per_execution_with_only_the_params_that_differ(store) -> None:
+    table = compare.comparison(
+        compare.executions(tracking.DEFAULT_EXPERIMENT), "transfer_test_accuracy"
+    )
+    assert list(table["run"]) == ["fast-lr", "baseline", "small-head"]
+    assert "head.learning_rate" in table and "head.units" in table
+    assert "common.seed" not in table
+    assert list(table["transfer_test_accuracy"]) == [0.86, 0.80, 0.78]
+
+
+def test_losses_sort_lowest_first(store) -> None:
+    table = compare.comparison(
+        compare.executions(tracking.DEFAULT_EXPERIMENT), "transfer_test_log_loss"
+    )
+    assert list(table["run"]) == ["fast-lr", "baseline", "small-head"]
+
+
+def test_csv_and_markdown_outputs(store, capsys) -> None:
+    compare.main(["--csv"])
+    rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert [r["dvc_exp"] for r in rows] == ["fast-lr", "baseline", "small-head"]
+    compare.main(["--markdown", "--metric", "transfer_test_log_loss"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("| run | dvc_exp |") and lines[1].startswith("|---|")
+    assert "| fast-lr |" in lines[2] and "0.3500" in lines[2]
+
+
+def test_an_empty_store_says_so(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'empty.db'}")
+    with pytest.raises(SystemExit, match="no pipeline executions"):
+        compare.main([])
