@@ -5,10 +5,15 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 PORT ?= 5000
+HOST ?= 127.0.0.1
+# The shared tracking server's stores: SQLite and a folder here; PostgreSQL/MySQL and S3 in
+# production (see docs/tracking-server.md).
+SERVER_STORE ?= sqlite:///$(CURDIR)/mlflow-server/mlflow.db
+SERVER_ARTIFACTS ?= $(CURDIR)/mlflow-server/artifacts
 # The default MLflow store (see pipeline/tracking.py); MLFLOW_TRACKING_URI overrides it.
 MLFLOW_URI ?= $(or $(MLFLOW_TRACKING_URI),sqlite:///$(CURDIR)/mlflow.db)
 
-.PHONY: pipeline test lint format mlflow-ui mlflow-db clean-venv
+.PHONY: pipeline test lint format mlflow-ui mlflow-db mlflow-server compare promote clean-venv
 
 $(BIN)/.installed: pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +44,21 @@ mlflow-db: $(BIN)/.installed
 ## Browse runs at http://127.0.0.1:$(PORT)
 mlflow-ui: $(BIN)/.installed
 	$(BIN)/mlflow ui --backend-store-uri $(MLFLOW_URI) --host 127.0.0.1 --port $(PORT)
+
+## A shared tracking server; then `export MLFLOW_TRACKING_URI=http://$(HOST):$(PORT)`.
+mlflow-server: $(BIN)/.installed
+	mkdir -p $(SERVER_ARTIFACTS)
+	@case "$(SERVER_STORE)" in sqlite:*) $(BIN)/mlflow db upgrade "$(SERVER_STORE)";; esac
+	$(BIN)/mlflow server --backend-store-uri "$(SERVER_STORE)" \
+	    --artifacts-destination "$(SERVER_ARTIFACTS)" --host $(HOST) --port $(PORT)
+
+## One row per pipeline execution in MLflow, the params that differ, test metrics.
+compare: $(BIN)/.installed
+	$(BIN)/python -m pipeline.compare $(ARGS)
+
+## Register the best evaluated model and alias it @champion.
+promote: $(BIN)/.installed
+	$(BIN)/python -m pipeline.registry promote $(ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

@@ -76,6 +76,24 @@ def save_training_outputs(
     return summary
 
 
+def log_and_record_model(
+    model: keras.Model,
+    name: str,
+    example: np.ndarray,
+    reports: Path,
+    summary: dict[str, float | int],
+) -> mlflow.models.model.ModelInfo:
+    """Logs the model to MLflow and records its ids beside the stage's metrics.
+
+    `evaluate` reads `mlflow_model_id` to attach test metrics to the logged model, and
+    `dvc exp show` shows both ids as columns, the way from a DVC experiment to its runs.
+    """
+    info = log_keras_model(model, name, example)
+    ids = {"mlflow_run_id": mlflow.active_run().info.run_id, "mlflow_model_id": info.model_id}
+    write_json(reports / "metrics.json", {**summary, **ids})
+    return info
+
+
 def log_keras_model(
     model: keras.Model, name: str, example: np.ndarray
 ) -> mlflow.models.model.ModelInfo:

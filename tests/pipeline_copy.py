@@ -87,6 +87,10 @@ class PipelineCopy:
         copy.git("commit", "-qm", "tiny pipeline")
         return copy
 
+    @property
+    def python(self) -> str:
+        return sys.executable
+
     def git(self, *args: str) -> str:
         return self.run("git", *args)
 
