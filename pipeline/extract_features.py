@@ -14,7 +14,7 @@ import keras
 import mlflow
 import numpy as np
 
-from pipeline import tracking
+from pipeline import devices, tracking
 from pipeline.config import ConfigError, FeaturesConfig, load_config
 from pipeline.datasets import image_dataset
 from pipeline.files import atomic_dir, write_json
@@ -57,24 +57,34 @@ def load_features(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 def main() -> None:
     try:
         cfg = load_config()
-    except ConfigError as error:
+        plan, strategy = devices.configure(cfg.compute)
+    except (ConfigError, devices.DeviceError) as error:
         sys.exit(str(error))
     params, paths = cfg.features, cfg.paths
     images = images_to_extract(paths.split, paths.augmented, params.include_augmented)
     if not all(images.values()):
         sys.exit("extract_features: a split is empty; run the split stage first")
-    with tracking.stage_run("extract_features", cfg, "common", "features", system_metrics=True):
+    if not plan.is_chief:
+        return  # inference keeps no replicas in step: the chief extracts and writes everything
+    sections = ("common", "compute", "features")
+    with tracking.stage_run("extract_features", cfg, *sections, system_metrics=True):
+        mlflow.log_params(plan.params(params.batch_size))
         keras.utils.set_random_seed(cfg.common.seed)  # random weights under `weights: none`
         try:
-            backbone = build_backbone(params)
+            with strategy.scope():
+                backbone = build_backbone(params)
         except WeightsUnavailableError as error:
             mlflow.set_tag("error", str(error))
             sys.exit(f"extract_features: {error}")
+        for split, split_images in images.items():
+            tracking.log_image_inputs(split_images, split, "extraction")
         counts: dict[str, int] = {}
+        global_batch = plan.global_batch_size(params.batch_size)
+        batched = params.model_copy(update={"batch_size": global_batch})
         with atomic_dir(paths.features) as staging:
             for split, split_images in images.items():
                 print(f"extract_features: {split} ({len(split_images)} images)")
-                features = extract(backbone, split_images, params)
+                features = extract(backbone, split_images, batched)
                 save_features(staging / f"{split}.npz", features, split_images)
                 counts[split] = len(split_images)
         save_model(backbone, paths.models.backbone)

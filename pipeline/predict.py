@@ -1,9 +1,12 @@
 """Classify photos with a trained model (a CLI, not a DVC stage).
 
     python -m pipeline.predict --model models/transfer.keras photos/ cat.jpg --out predictions.csv
+    python -m pipeline.predict --model models/transfer.keras test1/ --kaggle-submission --out s.csv
 
 Writes `file,prob_dog,label` for every JPEG/PNG given or found in the folders given. Either
-`models/cnn.keras` or `models/transfer.keras` works: both take raw images.
+`models/cnn.keras` or `models/transfer.keras` works: both take raw images. With
+`--kaggle-submission` it writes `id,label` (label = probability of a dog) for the
+competition's unlabelled `test1/N.jpg` images, the Dogs vs. Cats Redux format.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import argparse
 import csv
 import sys
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 
 import keras
@@ -86,6 +90,29 @@ def write_predictions(out, files: list[Path], probs: np.ndarray, threshold: floa
         writer.writerow([path.as_posix(), f"{prob:.6f}", label_of_probability(prob, threshold)])
 
 
+# An unreadable test image still needs a row; 0.5 is the answer that costs least log loss.
+UNKNOWN_PROBABILITY = 0.5
+
+
+def submission_rows(
+    files: list[Path], probs: np.ndarray, unreadable: list[Path]
+) -> list[tuple[int, float]]:
+    """`(id, P(dog))` sorted by id, where the id is the number in `test1/N.jpg`."""
+    rows = [(path, float(prob)) for path, prob in zip(files, probs, strict=True)]
+    rows += [(path, UNKNOWN_PROBABILITY) for path in unreadable]
+    try:
+        return sorted((int(path.stem), prob) for path, prob in rows)
+    except ValueError:
+        bad = next(path for path, _ in rows if not path.stem.isdigit())
+        sys.exit(f"predict: {bad} is not named like Kaggle's test images (test1/N.jpg)")
+
+
+def write_submission(out, rows: list[tuple[int, float]]) -> None:
+    writer = csv.writer(out)
+    writer.writerow(["id", "label"])
+    writer.writerows((image_id, f"{prob:.6f}") for image_id, prob in rows)
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m pipeline.predict", description="Classify photos as cat or dog."
@@ -99,6 +126,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, help="CSV to write (default: standard output)")
     parser.add_argument("--threshold", type=float, default=0.5, help="P(dog) for 'dog'")
     parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH)
+    parser.add_argument(
+        "--kaggle-submission",
+        action="store_true",
+        help="write id,label (P(dog)) for Kaggle's test1/N.jpg images",
+    )
     return parser.parse_args(argv)
 
 
@@ -111,13 +143,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     if not files:
         sys.exit("predict: no readable images given")
     probs = predict_files(model, files, args.batch_size)
+    if args.kaggle_submission:
+        unreadable = [path for path, _ in rejected if path.is_file()]
+        write = partial(write_submission, rows=submission_rows(files, probs, unreadable))
+    else:
+        write = partial(write_predictions, files=files, probs=probs, threshold=args.threshold)
     if args.out:
         with atomic_file(args.out) as staging, staging.open("w", newline="") as handle:
-            write_predictions(handle, files, probs, args.threshold)
+            write(handle)
         dogs = int((probs >= args.threshold).sum())
         print(f"predict: {len(files)} images, {dogs} dogs, {len(files) - dogs} cats -> {args.out}")
     else:
-        write_predictions(sys.stdout, files, probs, args.threshold)
+        write(sys.stdout)
 
 
 if __name__ == "__main__":

@@ -12,18 +12,19 @@ import sys
 import keras
 import mlflow
 
-from pipeline import tracking
+from pipeline import devices, tracking
 from pipeline.config import ConfigError, load_config
 from pipeline.datasets import image_dataset
 from pipeline.images import list_split
 from pipeline.models import build_cnn
-from pipeline.training import fit, log_keras_model, save_training_outputs
+from pipeline.training import fit, log_and_record_model, save_training_outputs
 
 
 def main() -> None:
     try:
         cfg = load_config()
-    except ConfigError as error:
+        plan, strategy = devices.configure(cfg.compute)
+    except (ConfigError, devices.DeviceError) as error:
         sys.exit(str(error))
     params, paths, seed = cfg.train_cnn, cfg.paths, cfg.common.seed
     train = list_split(paths.split / "train")
@@ -33,18 +34,27 @@ def main() -> None:
     if not train or not validation:
         sys.exit("train_cnn: no training or validation images; run the split stage first")
     reports = paths.reports.train_cnn
-    with tracking.stage_run("train_cnn", cfg, "common", "train_cnn", system_metrics=True):
-        keras.utils.set_random_seed(seed)
-        train_data = image_dataset(train, params.image_size, params.batch_size, shuffle_seed=seed)
-        validation_data = image_dataset(validation, params.image_size, params.batch_size)
+    keras.utils.set_random_seed(seed)
+    batch_size = plan.global_batch_size(params.batch_size)
+    train_data = image_dataset(train, params.image_size, batch_size, shuffle_seed=seed)
+    validation_data = image_dataset(validation, params.image_size, batch_size)
+    with strategy.scope():
         model = build_cnn(params)
+    if not plan.is_chief:  # another process of a multi-worker run: only the chief writes
+        fit(model, train_data, validation_data, params, log_to_mlflow=False)
+        return
+    sections = ("common", "compute", "train_cnn")
+    with tracking.stage_run("train_cnn", cfg, *sections, system_metrics=True):
+        mlflow.log_params(plan.params(params.batch_size))
+        tracking.log_image_inputs(train, "train", "training")
+        tracking.log_image_inputs(validation, "validation", "validation")
         history = fit(model, train_data, validation_data, params)
         summary = save_training_outputs(model, history, paths.models.cnn, reports, "scratch CNN")
         mlflow.log_metrics(dict(summary))
         mlflow.log_metrics({"train_images": len(train), "validation_images": len(validation)})
         mlflow.log_artifacts(str(reports), artifact_path="reports")
         example = next(iter(validation_data))[0][:2].numpy()
-        log_keras_model(model, "cnn", example)
+        log_and_record_model(model, "cnn", example, reports, summary)
     print(
         f"train_cnn: {summary['epochs_run']} epochs on {len(train)} images, best epoch "
         f"{summary['best_epoch']} with validation accuracy {summary['best_val_accuracy']:.3f}; "

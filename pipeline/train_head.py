@@ -8,17 +8,19 @@ raw images, for `pipeline.predict`.
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import keras
 import mlflow
 import numpy as np
 import tensorflow as tf
 
-from pipeline import tracking
+from pipeline import devices, tracking
 from pipeline.config import ConfigError, load_config
 from pipeline.extract_features import load_features
+from pipeline.images import LabeledImage
 from pipeline.models import build_head, compose_transfer
-from pipeline.training import fit, log_keras_model, save_model, save_training_outputs
+from pipeline.training import fit, log_and_record_model, save_model, save_training_outputs
 
 
 def feature_dataset(
@@ -30,27 +32,37 @@ def feature_dataset(
     return dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)
 
 
+def as_images(files: np.ndarray, labels: np.ndarray) -> list[LabeledImage]:
+    return [LabeledImage(Path(str(f)), int(y)) for f, y in zip(files, labels, strict=True)]
+
+
 def main() -> None:
     try:
         cfg = load_config()
-    except ConfigError as error:
+        plan, strategy = devices.configure(cfg.compute)
+    except (ConfigError, devices.DeviceError) as error:
         sys.exit(str(error))
     params, paths, seed = cfg.head, cfg.paths, cfg.common.seed
     try:
-        train_x, train_y, _ = load_features(paths.features / "train.npz")
-        val_x, val_y, _ = load_features(paths.features / "validation.npz")
+        train_x, train_y, train_files = load_features(paths.features / "train.npz")
+        val_x, val_y, val_files = load_features(paths.features / "validation.npz")
     except FileNotFoundError as error:
         sys.exit(f"train_head: {error.filename} is missing; run the extract_features stage first")
     reports = paths.reports.train_head
-    with tracking.stage_run("train_head", cfg, "common", "head"):
-        keras.utils.set_random_seed(seed)
+    keras.utils.set_random_seed(seed)
+    batch_size = plan.global_batch_size(params.batch_size)
+    train_data = feature_dataset(train_x, train_y, batch_size, shuffle_seed=seed)
+    validation_data = feature_dataset(val_x, val_y, batch_size)
+    with strategy.scope():
         head = build_head(train_x.shape[1], params)
-        history = fit(
-            head,
-            feature_dataset(train_x, train_y, params.batch_size, shuffle_seed=seed),
-            feature_dataset(val_x, val_y, params.batch_size),
-            params,
-        )
+    if not plan.is_chief:  # another process of a multi-worker run: only the chief writes
+        fit(head, train_data, validation_data, params, log_to_mlflow=False)
+        return
+    with tracking.stage_run("train_head", cfg, "common", "compute", "head"):
+        mlflow.log_params(plan.params(params.batch_size))
+        tracking.log_image_inputs(as_images(train_files, train_y), "features/train", "training")
+        tracking.log_image_inputs(as_images(val_files, val_y), "features/validation", "validation")
+        history = fit(head, train_data, validation_data, params)
         summary = save_training_outputs(
             head, history, paths.models.head, reports, "VGG16 features + dense head"
         )
@@ -60,7 +72,9 @@ def main() -> None:
         mlflow.log_metrics(dict(summary))
         mlflow.log_metrics({"train_images": len(train_y), "validation_images": len(val_y)})
         mlflow.log_artifacts(str(reports), artifact_path="reports")
-        log_keras_model(head, "head", val_x[:2])
+        # The end-to-end model is the one to register and serve: it takes raw images.
+        example = np.zeros((1, *transfer.input_shape[1:]), dtype=np.float32)
+        log_and_record_model(transfer, "transfer", example, reports, summary)
     print(
         f"train_head: {summary['epochs_run']} epochs on {len(train_y)} feature vectors, best "
         f"epoch {summary['best_epoch']} with validation accuracy "

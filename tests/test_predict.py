@@ -52,3 +52,28 @@ def test_predict_without_model_or_images_exits_with_a_message(tmp_path, model_pa
         main(["--model", str(tmp_path / "nope.keras"), str(tmp_path)])
     with pytest.raises(SystemExit, match="no readable images"):
         main(["--model", str(model_path), str(tmp_path / "missing.jpg")])
+
+
+def test_kaggle_submission_has_every_id_in_order(tmp_path, model_path):
+    from tests.conftest import jpeg_bytes, photo
+
+    test1 = tmp_path / "test1"
+    test1.mkdir()
+    for image_id in (10, 2, 1):
+        (test1 / f"{image_id}.jpg").write_bytes(jpeg_bytes(photo(image_id % 2, image_id)))
+    (test1 / "3.jpg").write_bytes(b"")  # unreadable, still needs a row
+    out = tmp_path / "submission.csv"
+
+    main(["--model", str(model_path), str(test1), "--kaggle-submission", "--out", str(out)])
+
+    rows = list(csv.reader(out.open()))
+    assert rows[0] == ["id", "label"]
+    assert [int(r[0]) for r in rows[1:]] == [1, 2, 3, 10]
+    assert float(rows[3][1]) == 0.5
+    assert all(0 <= float(r[1]) <= 1 for r in rows[1:])
+
+
+def test_kaggle_submission_refuses_files_not_named_by_id(tmp_path, model_path):
+    write_kaggle_tree(tmp_path / "photos", per_class=1)
+    with pytest.raises(SystemExit, match="not named like Kaggle's test images"):
+        main(["--model", str(model_path), str(tmp_path / "photos"), "--kaggle-submission"])
