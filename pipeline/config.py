@@ -41,6 +41,13 @@ class CommonConfig(Section):
     seed: Annotated[int, Field(ge=0, lt=2**31)]
 
 
+class ComputeConfig(Section):
+    """Where the training stages run; `pipeline.devices` resolves `auto` on each machine."""
+
+    device: Literal["auto", "cpu", "gpu"] = "auto"
+    precision: Literal["auto", "float32", "mixed_float16", "mixed_bfloat16"] = "auto"
+
+
 class ModelPaths(Section):
     cnn: Path
     backbone: Path
@@ -56,6 +63,7 @@ class ReportPaths(Section):
     extract_features: Path
     train_head: Path
     evaluate: Path
+    explain: Path
 
 
 class PathsConfig(Section):
@@ -161,6 +169,7 @@ class EvaluateConfig(Section):
 
 class Config(Section):
     common: CommonConfig
+    compute: ComputeConfig
     paths: PathsConfig
     download: DownloadConfig
     split: SplitConfig

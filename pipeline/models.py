@@ -49,7 +49,9 @@ def build_cnn(cfg: TrainCnnConfig) -> keras.Model:
     for units in cfg.dense_units:
         x = keras.layers.Dense(units, activation="relu")(x)
         x = keras.layers.Dropout(cfg.dropout)(x)
-    outputs = keras.layers.Dense(1, activation="sigmoid", name="prob_dog")(x)
+    # float32 even under a mixed-precision policy, as Keras advises for the last layer:
+    # float16 keeps ~3 significant digits, too few for confident probabilities.
+    outputs = keras.layers.Dense(1, activation="sigmoid", dtype="float32", name="prob_dog")(x)
     return compile_binary(keras.Model(inputs, outputs, name="cnn"), cfg)
 
 
@@ -121,7 +123,9 @@ def build_head(feature_dim: int, cfg: HeadConfig) -> keras.Model:
     inputs = keras.Input(shape=(feature_dim,), name="features")
     x = keras.layers.Dense(cfg.units, activation="relu")(inputs)
     x = keras.layers.Dropout(cfg.dropout)(x)
-    outputs = keras.layers.Dense(1, activation="sigmoid", name="prob_dog")(x)
+    # float32 even under a mixed-precision policy, as Keras advises for the last layer:
+    # float16 keeps ~3 significant digits, too few for confident probabilities.
+    outputs = keras.layers.Dense(1, activation="sigmoid", dtype="float32", name="prob_dog")(x)
     return compile_binary(keras.Model(inputs, outputs, name="head"), cfg)
 
 

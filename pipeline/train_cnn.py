@@ -1,8 +1,8 @@
 """Stage 4: train the small CNN from scratch on the training images and their variants.
 
 The tutorial's network (conv 32-32-64, dense 64, dropout 0.5, SGD 0.01 momentum 0.9) is one
-setting of `train_cnn` in params.yaml; see the README. The defaults add batch normalization
-and use Adam, which learns from the first epoch where the tutorial's SGD can sit at chance.
+setting of `train_cnn` in params.yaml; see the README. The defaults keep its architecture and
+train it with Adam, which learns from the first epoch where the tutorial's SGD starts at chance.
 """
 
 from __future__ import annotations

@@ -147,7 +147,7 @@ def kaggle_failure(status: int | None = None, error: type[Exception] | None = No
         ),
         (kaggle_failure(status=401), "did not accept your credentials"),
         (kaggle_failure(status=403), "rules have not been accepted"),
-        (kaggle_failure(status=404), "no competition named"),
+        (kaggle_failure(status=404), "has no competition"),
     ],
     ids=["no-credentials", "bad-credentials", "rules-not-accepted", "unknown-competition"],
 )

@@ -1,0 +1,154 @@
+"""Where the training stages compute: the CPU, one GPU, or every GPU of one host.
+
+`plan_compute` decides from the `compute` params and the devices TensorFlow sees, taken as
+values so the choice is testable without the hardware. `configure` applies the plan: GPU
+memory growth, the Keras dtype policy and the distribution strategy. The stages call it
+first thing in `main()`, before TensorFlow initialises its devices; importing this module
+does nothing.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from pipeline.config import ComputeConfig
+
+if TYPE_CHECKING:
+    import tensorflow as tf
+
+
+class DeviceError(RuntimeError):
+    """The `compute` params ask for something this machine cannot do."""
+
+
+@dataclass(frozen=True)
+class ComputePlan:
+    """What a stage runs on; logged to MLflow so runs on different machines compare."""
+
+    device: str  # "cpu" or "gpu"
+    precision: str  # the Keras dtype policy: float32, mixed_float16 or mixed_bfloat16
+    devices: tuple[str, ...]  # the logical devices holding one replica each
+    is_chief: bool = True  # this process logs to MLflow and writes the outputs
+
+    @property
+    def replicas(self) -> int:
+        return len(self.devices)
+
+    @property
+    def strategy(self) -> str:
+        return "mirrored" if self.replicas > 1 else "default"
+
+    def global_batch_size(self, per_replica: int) -> int:
+        """The batch `tf.data` yields: Keras splits it evenly over the replicas."""
+        return per_replica * self.replicas
+
+    def params(self, per_replica_batch: int) -> dict[str, Any]:
+        # `compute.device` and `compute.precision` are the requested values (often `auto`),
+        # logged with the stage's other params; these say what they resolved to.
+        return {
+            "compute.used_device": self.device,
+            "compute.used_precision": self.precision,
+            "compute.strategy": self.strategy,
+            "compute.replicas": self.replicas,
+            "compute.global_batch_size": self.global_batch_size(per_replica_batch),
+            "compute.devices": ",".join(self.devices),
+        }
+
+
+def plan_compute(
+    cfg: ComputeConfig, gpus: Sequence[str], cpus: Sequence[str], tf_config: str | None = None
+) -> ComputePlan:
+    """The device, precision and replicas for `cfg` given the visible logical devices.
+
+    `auto` takes every GPU when there is one (one replica per GPU), else the CPU. Mixed
+    float16 is the GPU default: tensor cores run it 2-3x faster than float32. On a CPU it is
+    emulated and slower than float32, so it is refused there; bfloat16 is left to the user,
+    since only recent CPUs (AMX, AVX512-BF16) gain from it.
+    """
+    if cfg.device == "gpu" and not gpus:
+        raise DeviceError(
+            "compute.device is gpu, but TensorFlow sees no GPU. Check `nvidia-smi`, that "
+            "tensorflow[and-cuda] is installed (the Dockerfile's image has it) and "
+            "CUDA_VISIBLE_DEVICES; or set compute.device to auto or cpu."
+        )
+    device = "gpu" if gpus and cfg.device != "cpu" else "cpu"
+    names = tuple(gpus if device == "gpu" else cpus)
+    if not names:
+        raise DeviceError(f"TensorFlow lists no {device.upper()} device")
+    precision = cfg.precision
+    if precision == "auto":
+        precision = "mixed_float16" if device == "gpu" else "float32"
+    elif precision == "mixed_float16" and device == "cpu":
+        raise DeviceError(
+            "compute.precision mixed_float16 needs a GPU: CPUs emulate float16 and run it "
+            "slower than float32. Use auto, float32 or mixed_bfloat16 on a CPU."
+        )
+    return ComputePlan(device, precision, names, is_chief=is_chief(tf_config))
+
+
+def is_chief(tf_config: str | None) -> bool:
+    """Whether this process logs and saves: a lone process always does.
+
+    In a cluster described by `TF_CONFIG` (one process per host), only the chief does, or
+    worker 0 where the cluster names no chief, the rule TensorFlow's multi-worker training
+    uses. Several GPUs on one host are one process, hence one chief.
+    """
+    if not tf_config:
+        return True
+    try:
+        spec = json.loads(tf_config)
+    except json.JSONDecodeError as error:
+        raise DeviceError(f"TF_CONFIG is not valid JSON: {error}") from None
+    task = spec.get("task") or {}
+    kind, index = task.get("type"), int(task.get("index", 0))
+    if kind is None or kind == "chief":
+        return True
+    return kind == "worker" and index == 0 and "chief" not in (spec.get("cluster") or {})
+
+
+def configure(cfg: ComputeConfig) -> tuple[ComputePlan, tf.distribute.Strategy]:
+    """Applies `cfg` to this process; returns the plan and the strategy to build models in.
+
+    Device settings only take before TensorFlow initialises its devices, so this runs before
+    any other TensorFlow call. Build and compile models inside `strategy.scope()`.
+    """
+    import keras
+    import tensorflow as tf
+
+    physical_gpus = tf.config.list_physical_devices("GPU")
+    try:
+        if cfg.device == "cpu":
+            tf.config.set_visible_devices([], "GPU")
+        else:
+            for gpu in physical_gpus:
+                # Take GPU memory as needed rather than all of it at start, so a second
+                # process (evaluation, a notebook) can share the card.
+                tf.config.experimental.set_memory_growth(gpu, True)
+    except RuntimeError:
+        pass  # devices already initialised by an earlier call in this process: they stay
+    gpus = [device.name for device in tf.config.list_logical_devices("GPU")]
+    cpus = [device.name for device in tf.config.list_logical_devices("CPU")]
+    if cfg.device == "cpu":
+        gpus = []
+    plan = plan_compute(cfg, gpus, cpus, os.environ.get("TF_CONFIG"))
+    keras.mixed_precision.set_global_policy(plan.precision)
+    if plan.replicas > 1:
+        return plan, mirrored_strategy(plan.devices)
+    return plan, tf.distribute.get_strategy()
+
+
+@functools.cache
+def mirrored_strategy(devices: tuple[str, ...]) -> tf.distribute.Strategy:
+    """One MirroredStrategy per set of devices and process.
+
+    A second strategy over the same devices reuses the first one's collective-op keys and
+    its first all-reduce fails with a shape mismatch (seen when one process runs two stages).
+    """
+    import tensorflow as tf
+
+    return tf.distribute.MirroredStrategy(list(devices))
