@@ -35,7 +35,7 @@ def test_pipeline_logs_to_a_shared_server_and_the_champion_predicts(tmp_path) ->
             [experiment.experiment_id],
             filter_string=f"tags.mlflow.parentRunId = '{parent[0].info.run_id}'",
         )
-        assert len(children) == 7
+        assert len(children) == 8
         evaluate = next(r for r in children if r.data.tags["pipeline.stage"] == "evaluate")
         artifacts = {a.path for a in client.list_artifacts(evaluate.info.run_id, "reports")}
         assert "reports/mistakes_cnn.png" in artifacts and "reports/calibration.png" in artifacts
