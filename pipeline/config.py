@@ -139,8 +139,19 @@ class TrainCnnConfig(OptimizerMixin):
     use_augmented: bool
 
 
+# The smallest input each `keras.applications` backbone accepts (height and width).
+BACKBONE_MIN_SIZE = {
+    "vgg16": 32,
+    "resnet50": 32,
+    "mobilenet_v2": 32,
+    "efficientnet_b0": 32,
+    "xception": 71,
+}
+Backbone = Literal["vgg16", "resnet50", "mobilenet_v2", "efficientnet_b0", "xception"]
+
+
 class FeaturesConfig(Section):
-    backbone: Literal["vgg16"]
+    backbone: Backbone
     weights: str
     image_size: ImageSize
     pooling: Literal["flatten", "avg"]
@@ -155,6 +166,16 @@ class FeaturesConfig(Section):
         if not value.endswith(".h5"):
             raise ValueError("must be 'imagenet', 'none' or a path to a .h5 / .weights.h5 file")
         return value
+
+    @model_validator(mode="after")
+    def _size_fits_the_backbone(self) -> FeaturesConfig:
+        smallest = BACKBONE_MIN_SIZE[self.backbone]
+        if min(self.image_size) < smallest:
+            raise ValueError(
+                f"{self.backbone} needs image_size of at least {smallest}x{smallest}, "
+                f"got {self.image_size[0]}x{self.image_size[1]}"
+            )
+        return self
 
 
 class HeadConfig(OptimizerMixin):

@@ -1,4 +1,4 @@
-"""Model builders: the scratch CNN, the VGG16 backbone, the dense head, and their composition.
+"""Model builders: the scratch CNN, the pretrained backbones, the dense head, and their composition.
 
 Every model here takes raw 0-255 RGB pixels at its image size and outputs the probability
 of a dog, so a saved `.keras` file is all `pipeline.predict` needs.
@@ -6,6 +6,8 @@ of a dog, so a saved `.keras` file is all `pipeline.predict` needs.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import keras
@@ -67,27 +69,8 @@ def resolve_weights(weights: str) -> str | None:
     return str(path)
 
 
-def build_backbone(cfg: FeaturesConfig) -> keras.Model:
-    """VGG16's convolutional base with its own `preprocess_input`, taking 0-255 RGB pixels."""
-    weights = resolve_weights(cfg.weights)
-    try:
-        base = keras.applications.VGG16(
-            include_top=False, weights=weights, input_shape=(*cfg.image_size, 3)
-        )
-    except Exception as error:  # Keras raises several types for a failed fetch or a bad file
-        raise WeightsUnavailableError(weights_help(cfg.weights, error)) from error
-    base.trainable = False
-    inputs = keras.Input(shape=(*cfg.image_size, 3), name="image")
-    x = caffe_preprocessing()(inputs)
-    x = base(x, training=False)
-    if cfg.pooling == "avg":
-        x = keras.layers.GlobalAveragePooling2D()(x)
-    else:
-        x = keras.layers.Flatten()(x)
-    return keras.Model(inputs, x, name="vgg16_features")
-
-
-# VGG16's `preprocess_input` ("caffe" mode): RGB to BGR, minus the ImageNet mean in BGR order.
+# VGG16's and ResNet50's `preprocess_input` ("caffe" mode): RGB to BGR, minus the ImageNet
+# mean in BGR order.
 IMAGENET_MEAN_BGR = (103.939, 116.779, 123.68)
 
 
@@ -98,24 +81,83 @@ def caffe_preprocessing() -> keras.layers.Layer:
     without shipping this module.
     """
     flip_channels = np.eye(3, dtype="float32")[::-1]
-    layer = keras.layers.Dense(3, trainable=False, name="vgg16_preprocess")
+    layer = keras.layers.Dense(3, trainable=False, name="caffe_preprocess")
     layer.build((None, 3))
     layer.set_weights([flip_channels, -np.asarray(IMAGENET_MEAN_BGR, dtype="float32")])
     return layer
 
 
-def weights_help(weights: str, error: Exception) -> str:
-    if weights == "imagenet":
+def tf_preprocessing() -> keras.layers.Layer:
+    """`preprocess_input` of MobileNetV2 and Xception ("tf" mode): pixels scaled to [-1, 1]."""
+    return keras.layers.Rescaling(1 / 127.5, offset=-1.0, name="tf_preprocess")
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    build: Callable[..., keras.Model]
+    preprocessing: Callable[[], keras.layers.Layer] | None  # None: the model rescales itself
+    weights_file: str  # what Keras downloads for weights="imagenet"
+
+
+BACKBONES: dict[str, BackboneSpec] = {
+    "vgg16": BackboneSpec(
+        keras.applications.VGG16,
+        caffe_preprocessing,
+        "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5",
+    ),
+    "resnet50": BackboneSpec(
+        keras.applications.ResNet50,
+        caffe_preprocessing,
+        "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5",
+    ),
+    "mobilenet_v2": BackboneSpec(
+        keras.applications.MobileNetV2,
+        tf_preprocessing,
+        "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5",
+    ),
+    "efficientnet_b0": BackboneSpec(
+        keras.applications.EfficientNetB0, None, "efficientnetb0_notop.h5"
+    ),
+    "xception": BackboneSpec(
+        keras.applications.Xception,
+        tf_preprocessing,
+        "xception_weights_tf_dim_ordering_tf_kernels_notop.h5",
+    ),
+}
+
+
+def build_backbone(cfg: FeaturesConfig) -> keras.Model:
+    """The backbone's convolutional base with its own `preprocess_input`, taking 0-255 RGB."""
+    spec = BACKBONES[cfg.backbone]
+    weights = resolve_weights(cfg.weights)
+    try:
+        base = spec.build(include_top=False, weights=weights, input_shape=(*cfg.image_size, 3))
+    except Exception as error:  # Keras raises several types for a failed fetch or a bad file
+        raise WeightsUnavailableError(weights_help(cfg, error)) from error
+    base.trainable = False
+    inputs = keras.Input(shape=(*cfg.image_size, 3), name="image")
+    x = spec.preprocessing()(inputs) if spec.preprocessing else inputs
+    x = base(x, training=False)
+    if cfg.pooling == "avg":
+        x = keras.layers.GlobalAveragePooling2D()(x)
+    else:
+        x = keras.layers.Flatten()(x)
+    return keras.Model(inputs, x, name=f"{cfg.backbone}_features")
+
+
+def weights_help(cfg: FeaturesConfig, error: Exception) -> str:
+    name, file = cfg.backbone, BACKBONES[cfg.backbone].weights_file
+    if cfg.weights == "imagenet":
         return (
-            f"Could not download the VGG16 ImageNet weights ({type(error).__name__}: {error}).\n"
+            f"Could not download the {name} ImageNet weights ({type(error).__name__}: {error}).\n"
             "Fixes:\n"
             "  - connect to the internet once: Keras caches the file in ~/.keras/models/;\n"
-            "  - or download vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5 elsewhere and set\n"
+            f"  - or download {file} elsewhere and set\n"
             "    features.weights to its path (dvc exp run -S features.weights=/path/to/file.h5);\n"
             "  - or, for a smoke run that needs no download, set features.weights to none\n"
             "    (random weights: the pipeline runs, but the transfer model learns little)."
         )
-    return f"Could not load VGG16 weights from {weights}: {type(error).__name__}: {error}"
+    return f"Could not load {name} weights from {cfg.weights}: {type(error).__name__}: {error}"
 
 
 def build_head(feature_dim: int, cfg: HeadConfig) -> keras.Model:

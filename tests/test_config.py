@@ -51,7 +51,14 @@ def test_config_is_frozen(repo_config) -> None:
             "download.source: Input should be 'petimages', 'kaggle' or 'local'",
         ),
         ({"download__source": "local"}, "needs download.local_path"),
-        ({"features__backbone": "alexnet"}, "features.backbone: Input should be 'vgg16'"),
+        (
+            {"features__backbone": "alexnet"},
+            "features.backbone: Input should be 'vgg16', 'resnet50'",
+        ),
+        (
+            {"features__backbone": "xception", "features__image_size": [64, 64]},
+            "features: xception needs image_size of at least 71x71, got 64x64",
+        ),
         ({"features__weights": "weights.bin"}, "features.weights: must be 'imagenet', 'none'"),
         ({"train_cnn__optimizer": "adagrad"}, "train_cnn.optimizer: Input should be"),
         ({"train_cnn__epochs": "ten"}, "train_cnn.epochs: Input should be a valid integer"),

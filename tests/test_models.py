@@ -117,3 +117,31 @@ def test_failed_imagenet_download_names_the_fixes(monkeypatch) -> None:
     message = str(error.value)
     assert "URL fetch failure" in message
     assert "features.weights to its path" in message and "features.weights to none" in message
+
+
+@pytest.mark.parametrize(
+    ("backbone", "size", "features"),
+    [
+        ("resnet50", 32, 2048),
+        ("mobilenet_v2", 32, 1280),
+        ("efficientnet_b0", 32, 1280),
+        ("xception", 71, 2048),
+    ],
+)
+def test_every_backbone_builds_with_its_preprocessing(backbone, size, features) -> None:
+    cfg = FEATURES.model_copy(
+        update={"backbone": backbone, "image_size": (size, size), "pooling": "avg"}
+    )
+    model = build_backbone(cfg)
+    assert model.name == f"{backbone}_features"
+    assert model.output_shape == (None, features)
+    images = np.random.default_rng(0).uniform(0, 255, (1, size, size, 3)).astype("float32")
+    assert np.all(np.isfinite(model.predict(images, verbose=0)))
+
+
+def test_tf_mode_preprocessing_matches_keras() -> None:
+    from pipeline.models import tf_preprocessing
+
+    pixels = np.random.default_rng(0).uniform(0, 255, (2, 4, 4, 3)).astype("float32")
+    expected = keras.applications.mobilenet_v2.preprocess_input(pixels.copy())
+    np.testing.assert_allclose(tf_preprocessing()(pixels), expected, rtol=1e-5, atol=1e-5)
