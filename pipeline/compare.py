@@ -47,7 +47,10 @@ def comparison(runs: pd.DataFrame, metric: str) -> pd.DataFrame:
     param_columns = [c for c in runs.columns if c.startswith("params.")]
     differing = [c for c in param_columns if runs[c].astype(str).nunique(dropna=False) > 1]
     metric_columns = [
-        f"metrics.{model}_test_{name}" for model in ("cnn", "transfer") for name in SHOWN_METRICS
+        f"metrics.{model}_test_{name}"
+        for model in ("cnn", "transfer", "finetuned")
+        for name in SHOWN_METRICS
+        if f"metrics.{model}_test_{name}" in runs
     ]
     if f"metrics.{metric}" not in metric_columns:
         metric_columns.append(f"metrics.{metric}")

@@ -53,6 +53,7 @@ class ModelPaths(Section):
     backbone: Path
     head: Path
     transfer: Path
+    finetuned: Path
 
 
 class ReportPaths(Section):
@@ -62,6 +63,7 @@ class ReportPaths(Section):
     train_cnn: Path
     extract_features: Path
     train_head: Path
+    finetune: Path
     evaluate: Path
     explain: Path
 
@@ -183,6 +185,12 @@ class HeadConfig(OptimizerMixin):
     dropout: Annotated[float, Field(ge=0, lt=1)]
 
 
+class FinetuneConfig(OptimizerMixin):
+    enabled: bool
+    unfreeze_layers: Annotated[int, Field(ge=0, le=50)]
+    use_augmented: bool
+
+
 class EvaluateConfig(Section):
     threshold: Fraction
     batch_size: PositiveInt
@@ -198,6 +206,7 @@ class Config(Section):
     train_cnn: TrainCnnConfig
     features: FeaturesConfig
     head: HeadConfig
+    finetune: FinetuneConfig
     evaluate: EvaluateConfig
 
 

@@ -121,9 +121,10 @@ def logged_model_id(training_metrics: Path) -> str | None:
         return None
 
 
-def predict_cnn(
+def predict_images(
     model_path: Path, split_root: Path, batch_size: int
 ) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """A model that takes raw images (the CNN, the fine-tuned network) on the test images."""
     test = list_split(split_root / "test")
     model = keras.models.load_model(model_path)
     image_size = model.input_shape[1:3]
@@ -147,16 +148,21 @@ def main() -> None:
     reports = paths.reports.evaluate
     try:
         predictions = {
-            "cnn": predict_cnn(paths.models.cnn, paths.split, cfg.evaluate.batch_size),
+            "cnn": predict_images(paths.models.cnn, paths.split, cfg.evaluate.batch_size),
             "transfer": predict_head(paths.models.head, paths.features / "test.npz"),
         }
+        if cfg.finetune.enabled:
+            predictions["finetuned"] = predict_images(
+                paths.models.finetuned, paths.split, cfg.evaluate.batch_size
+            )
     except (FileNotFoundError, ValueError) as error:
         sys.exit(f"evaluate: {error}; run the training stages first")
     model_ids = {
         "cnn": logged_model_id(paths.reports.train_cnn / "metrics.json"),
         "transfer": logged_model_id(paths.reports.train_head / "metrics.json"),
+        "finetuned": logged_model_id(paths.reports.finetune / "metrics.json"),
     }
-    with tracking.stage_run("evaluate", cfg, "evaluate") as run:
+    with tracking.stage_run("evaluate", cfg, "evaluate", "finetune") as run:
         files, labels, _ = predictions["cnn"]
         tracking.log_image_inputs(
             [LabeledImage(Path(f), int(y)) for f, y in zip(files, labels, strict=True)],
@@ -172,7 +178,7 @@ def main() -> None:
         mlflow.log_metrics(flat)
         tracking.log_to_parent(run, flat)
         for model, model_id in model_ids.items():
-            if model_id:
+            if model_id and model in results:
                 # On the logged model and the run that trained it, not on this stage's run,
                 # where both models' `test_accuracy` would collide.
                 scores = {f"test_{name}": value for name, value in results[model].items()}

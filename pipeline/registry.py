@@ -66,7 +66,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     commands = parser.add_subparsers(dest="command", required=True)
     command = commands.add_parser("promote", help="register the best model and alias it")
     command.add_argument("--metric", default="test_accuracy")
-    command.add_argument("--model", choices=("cnn", "transfer"), help="only this kind of model")
+    command.add_argument(
+        "--model", choices=("cnn", "transfer", "finetuned"), help="only this kind of model"
+    )
     command.add_argument("--name", default=DEFAULT_NAME, help="registered model name")
     command.add_argument("--alias", default=DEFAULT_ALIAS)
     args = parser.parse_args(argv)

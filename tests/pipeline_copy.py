@@ -32,6 +32,7 @@ TINY_PARAMS: dict[str, dict[str, Any]] = {
     },
     "features": {"weights": "none", "image_size": [32, 32], "batch_size": 16},
     "head": {"units": 16, "batch_size": 8, "epochs": 2, "patience": 2},
+    "finetune": {"enabled": True, "batch_size": 8, "epochs": 1},
 }
 
 

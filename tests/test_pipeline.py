@@ -19,6 +19,7 @@ STAGES = (
     "train_cnn",
     "extract_features",
     "train_head",
+    "finetune",
     "evaluate",
     "explain",
 )
@@ -43,8 +44,8 @@ def test_repro_runs_every_stage_and_logs_each_to_mlflow(tiny_pipeline: PipelineC
     for path in ("models/cnn.keras", "models/transfer.keras", "models/head.keras"):
         assert (root / path).stat().st_size > 0
     metrics = json.loads((root / "reports/evaluate/metrics.json").read_text())
-    assert set(metrics) == {"cnn", "transfer", "mlflow_run_id", "mlflow_parent_run_id"}
-    for model in ("cnn", "transfer"):
+    assert set(metrics) == {"cnn", "transfer", "finetuned", "mlflow_run_id", "mlflow_parent_run_id"}
+    for model in ("cnn", "transfer", "finetuned"):
         assert 0 <= metrics[model]["accuracy"] <= 1 and metrics[model]["log_loss"] > 0
 
     client, experiment = tiny_pipeline.mlflow()
@@ -69,7 +70,7 @@ def test_repro_runs_every_stage_and_logs_each_to_mlflow(tiny_pipeline: PipelineC
         assert run.data.tags["git.commit"] == parent.data.tags["git.commit"]
 
 
-def test_changing_a_head_param_reruns_only_head_and_evaluate(
+def test_changing_a_head_param_reruns_only_what_depends_on_the_head(
     tiny_pipeline: PipelineCopy,
 ) -> None:
     client, experiment = tiny_pipeline.mlflow()
@@ -78,13 +79,13 @@ def test_changing_a_head_param_reruns_only_head_and_evaluate(
     tiny_pipeline.set_param("head", "learning_rate", 0.001)
     output = tiny_pipeline.dvc("repro")
 
-    assert stages_run(output) == ["train_head", "evaluate"]
+    assert stages_run(output) == ["train_head", "finetune", "evaluate"]
     new_runs = [
         r for r in client.search_runs([experiment.experiment_id]) if r.info.run_id not in before
     ]
     stages = sorted(r.data.tags["pipeline.stage"] for r in new_runs)
     # A new execution (new params) gets its own parent, holding exactly the stages that ran.
-    assert stages == ["evaluate", "pipeline", "train_head"]
+    assert stages == ["evaluate", "finetune", "pipeline", "train_head"]
     head_run = next(r for r in new_runs if r.data.tags["pipeline.stage"] == "train_head")
     assert head_run.data.params["head.learning_rate"] == "0.001"
 

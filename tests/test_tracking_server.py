@@ -35,14 +35,14 @@ def test_pipeline_logs_to_a_shared_server_and_the_champion_predicts(tmp_path) ->
             [experiment.experiment_id],
             filter_string=f"tags.mlflow.parentRunId = '{parent[0].info.run_id}'",
         )
-        assert len(children) == 8
+        assert len(children) == 9
         evaluate = next(r for r in children if r.data.tags["pipeline.stage"] == "evaluate")
         artifacts = {a.path for a in client.list_artifacts(evaluate.info.run_id, "reports")}
         assert "reports/mistakes_cnn.png" in artifacts and "reports/calibration.png" in artifacts
         assert evaluate.inputs.dataset_inputs[0].dataset.name == "test"
 
         models = client.search_logged_models([experiment.experiment_id], output_format="list")
-        assert sorted(m.name for m in models) == ["cnn", "transfer"]
+        assert sorted(m.name for m in models) == ["cnn", "finetuned", "transfer"]
         for model in models:
             assert {m.key for m in model.metrics} >= {"test_accuracy", "test_log_loss"}
 
