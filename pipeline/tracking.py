@@ -13,18 +13,20 @@ import json
 import os
 import subprocess
 from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import mlflow
 import mlflow.data
 import pandas as pd
 import yaml
+from mlflow.data.sources import LocalArtifactDatasetSource
 from mlflow.entities import Param, Run
 from mlflow.tracking import MlflowClient
 
 from pipeline.config import PARAMS_FILE, Config, flatten
 from pipeline.files import project_root
-from pipeline.images import LabeledImage
+from pipeline.images import CLASS_NAMES, LabeledImage
 
 DEFAULT_EXPERIMENT = "dogs-vs-cats"
 STORE_FILE = "mlflow.db"
@@ -200,9 +202,13 @@ def comparable_params(cfg: Config) -> dict[str, Any]:
 def log_image_inputs(images: Sequence[LabeledImage], name: str, context: str) -> None:
     """Logs the image files a stage read as an MLflow dataset input (files and labels)."""
     frame = pd.DataFrame(
-        {"file": [i.path.as_posix() for i in images], "label": [i.label for i in images]}
+        {
+            "file": [i.path.as_posix() for i in images],
+            "label": [CLASS_NAMES[i.label] for i in images],
+        }
     )
-    source = os.path.commonpath([i.path.parent.as_posix() for i in images]) if images else ""
+    folder = os.path.commonpath([i.path.parent.as_posix() for i in images]) if images else "."
+    source = LocalArtifactDatasetSource(Path(folder).resolve().as_uri())
     dataset = mlflow.data.from_pandas(frame, source=source, targets="label", name=name)
     mlflow.log_input(dataset, context=context)
 
