@@ -103,7 +103,7 @@ def filters_figure(filters: np.ndarray) -> Figure:
     for axis in axes.flat:
         axis.axis("off")
     for column, (name, kernel) in enumerate(CLASSIC_KERNELS.items()):
-        axes[0, column].imshow(kernel, cmap="gray")
+        axes[0, column].imshow(kernel, cmap="gray", vmin=-2, vmax=2)  # blur is mid-grey
         axes[0, column].set_title(name, fontsize=8)
     for index, kernel in enumerate(shown):
         axis = axes[1 + index // columns, index % columns]
