@@ -19,7 +19,7 @@ import numpy as np
 import tensorflow as tf
 
 from pipeline import plots, tracking
-from pipeline.config import AugmentConfig, ConfigError, load_config
+from pipeline.config import AugmentConfig, load_config_or_exit
 from pipeline.datasets import image_dataset
 from pipeline.files import atomic_dir, atomic_file, write_json
 from pipeline.images import CLASS_NAMES, LabeledImage, list_split
@@ -106,10 +106,7 @@ def preview(images: list[LabeledImage], cfg: AugmentConfig, seed: int) -> np.nda
 
 
 def main() -> None:
-    try:
-        cfg = load_config()
-    except ConfigError as error:
-        sys.exit(str(error))
+    cfg = load_config_or_exit()
     reports = cfg.paths.reports.augment
     train = list_split(cfg.paths.split / "train")
     if not train:

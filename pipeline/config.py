@@ -241,6 +241,14 @@ def load_config(path: Path = PARAMS_FILE) -> Config:
     return parse_config(raw)
 
 
+def load_config_or_exit(path: Path = PARAMS_FILE) -> Config:
+    """For a stage's `main()`: the config, or exit non-zero with every bad field listed."""
+    try:
+        return load_config(path)
+    except ConfigError as error:
+        raise SystemExit(str(error)) from None
+
+
 def flatten(config: BaseModel | dict[str, Any], prefix: str = "") -> dict[str, Any]:
     """`{"head": {"units": 256}}` -> `{"head.units": 256}`, the names MLflow and DVC show."""
     data = config.model_dump(mode="json") if isinstance(config, BaseModel) else config

@@ -111,6 +111,14 @@ def is_chief(tf_config: str | None) -> bool:
     return kind == "worker" and index == 0 and "chief" not in (spec.get("cluster") or {})
 
 
+def configure_or_exit(cfg: ComputeConfig) -> tuple[ComputePlan, tf.distribute.Strategy]:
+    """For a stage's `main()`: `configure`, or exit non-zero saying why the devices won't do."""
+    try:
+        return configure(cfg)
+    except DeviceError as error:
+        raise SystemExit(str(error)) from None
+
+
 def configure(cfg: ComputeConfig) -> tuple[ComputePlan, tf.distribute.Strategy]:
     """Applies `cfg` to this process; returns the plan and the strategy to build models in.
 

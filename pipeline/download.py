@@ -22,7 +22,7 @@ from pathlib import Path
 import mlflow
 
 from pipeline import archives, tracking
-from pipeline.config import ConfigError, DownloadConfig, MirrorConfig, load_config
+from pipeline.config import DownloadConfig, MirrorConfig, load_config_or_exit
 from pipeline.files import atomic_dir, project_root, write_json
 from pipeline.images import CLASS_NAMES, find_labeled_images
 
@@ -228,10 +228,7 @@ def acquire(cfg: DownloadConfig, downloads: Path) -> Path:
 
 
 def main() -> None:
-    try:
-        cfg = load_config()
-    except ConfigError as error:
-        sys.exit(str(error))
+    cfg = load_config_or_exit()
     raw, report = cfg.paths.raw, cfg.paths.reports.download / "summary.json"
     with tracking.stage_run("download", cfg, "download"):
         try:

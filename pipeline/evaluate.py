@@ -22,7 +22,7 @@ from sklearn import metrics as skm
 from sklearn.calibration import calibration_curve
 
 from pipeline import plots, tracking
-from pipeline.config import ConfigError, load_config
+from pipeline.config import load_config_or_exit
 from pipeline.datasets import image_dataset
 from pipeline.extract_features import load_features
 from pipeline.files import atomic_file, write_json, write_text
@@ -140,10 +140,7 @@ def predict_head(model_path: Path, features_path: Path) -> tuple[list[str], np.n
 
 
 def main() -> None:
-    try:
-        cfg = load_config()
-    except ConfigError as error:
-        sys.exit(str(error))
+    cfg = load_config_or_exit()
     paths, threshold = cfg.paths, cfg.evaluate.threshold
     reports = paths.reports.evaluate
     try:

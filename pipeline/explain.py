@@ -17,7 +17,7 @@ import tensorflow as tf
 from matplotlib.figure import Figure
 
 from pipeline import tracking
-from pipeline.config import ConfigError, load_config
+from pipeline.config import load_config_or_exit
 from pipeline.datasets import load_image
 from pipeline.files import atomic_dir
 from pipeline.images import CLASS_NAMES, LabeledImage, list_split
@@ -46,21 +46,18 @@ def first_layer_filters(model: keras.Model) -> np.ndarray:
     return (kernels - low) / np.maximum(high - low, 1e-8)
 
 
+def block_output(model: keras.Model, conv: keras.layers.Conv2D):
+    """A conv block's output: its first Activation after the conv (BatchNorm may sit between)."""
+    index = model.layers.index(conv)
+    after = (
+        layer for layer in model.layers[index + 1 :] if isinstance(layer, keras.layers.Activation)
+    )
+    return next(after, conv).output
+
+
 def feature_maps(model: keras.Model, images: np.ndarray) -> list[np.ndarray]:
     """The output of each conv block (after its activation) for `images`."""
-    outputs = []
-    for conv in conv_layers(model):
-        index = model.layers.index(conv)
-        # The block's activation is the first Activation after the conv (BatchNorm may sit between).
-        after = next(
-            (
-                layer
-                for layer in model.layers[index + 1 :]
-                if isinstance(layer, keras.layers.Activation)
-            ),
-            conv,
-        )
-        outputs.append(after.output)
+    outputs = [block_output(model, conv) for conv in conv_layers(model)]
     probe = keras.Model(model.input, outputs)
     return [np.asarray(x) for x in probe(images, training=False)]
 
@@ -71,17 +68,8 @@ def grad_cam(model: keras.Model, images: np.ndarray) -> np.ndarray:
     Returns `(n, height, width)` heat maps in 0-1 at the input's size. Positive evidence
     for the predicted class: the gradient of P(dog) for dogs, of P(cat) for cats.
     """
-    last = conv_layers(model)[-1]
-    index = model.layers.index(last)
-    target = next(
-        (
-            layer
-            for layer in model.layers[index + 1 :]
-            if isinstance(layer, keras.layers.Activation)
-        ),
-        last,
-    )
-    probe = keras.Model(model.input, [target.output, model.output])
+    last_block = block_output(model, conv_layers(model)[-1])
+    probe = keras.Model(model.input, [last_block, model.output])
     inputs = tf.convert_to_tensor(images, dtype=tf.float32)
     with tf.GradientTape() as tape:
         maps, probs = probe(inputs, training=False)
@@ -174,10 +162,7 @@ def write_figures(model: keras.Model, examples: list[LabeledImage], target: Path
 
 
 def main() -> None:
-    try:
-        cfg = load_config()
-    except ConfigError as error:
-        sys.exit(str(error))
+    cfg = load_config_or_exit()
     paths = cfg.paths
     test = list_split(paths.split / "test")
     if not test or not paths.models.cnn.is_file():

@@ -15,7 +15,7 @@ import mlflow
 import numpy as np
 
 from pipeline import devices, tracking
-from pipeline.config import ConfigError, FeaturesConfig, load_config
+from pipeline.config import FeaturesConfig, load_config_or_exit
 from pipeline.datasets import image_dataset
 from pipeline.files import atomic_dir, write_json
 from pipeline.images import SPLITS, LabeledImage, list_split
@@ -55,11 +55,8 @@ def load_features(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def main() -> None:
-    try:
-        cfg = load_config()
-        plan, strategy = devices.configure(cfg.compute)
-    except (ConfigError, devices.DeviceError) as error:
-        sys.exit(str(error))
+    cfg = load_config_or_exit()
+    plan, strategy = devices.configure_or_exit(cfg.compute)
     params, paths = cfg.features, cfg.paths
     images = images_to_extract(paths.split, paths.augmented, params.include_augmented)
     if not all(images.values()):

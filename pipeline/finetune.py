@@ -16,7 +16,7 @@ import keras
 import mlflow
 
 from pipeline import devices, plots, tracking
-from pipeline.config import ConfigError, FinetuneConfig, load_config
+from pipeline.config import FinetuneConfig, load_config_or_exit
 from pipeline.datasets import image_dataset
 from pipeline.files import atomic_file, write_json
 from pipeline.images import list_split
@@ -54,11 +54,8 @@ def build_finetune_model(backbone: keras.Model, head: keras.Model, cfg: Finetune
 
 
 def main() -> None:
-    try:
-        cfg = load_config()
-        plan, strategy = devices.configure(cfg.compute)
-    except (ConfigError, devices.DeviceError) as error:
-        sys.exit(str(error))
+    cfg = load_config_or_exit()
+    plan, strategy = devices.configure_or_exit(cfg.compute)
     params, paths, seed = cfg.finetune, cfg.paths, cfg.common.seed
     reports = paths.reports.finetune
     if not params.enabled:

@@ -21,7 +21,7 @@ from sklearn.model_selection import train_test_split
 from tqdm import tqdm
 
 from pipeline import tracking
-from pipeline.config import ConfigError, SplitConfig, load_config
+from pipeline.config import SplitConfig, load_config_or_exit
 from pipeline.files import atomic_dir, atomic_file, write_json
 from pipeline.images import (
     CLASS_NAMES,
@@ -132,10 +132,7 @@ def write_skipped(path: Path, verdicts: list[Verdict], root: Path) -> None:
 
 
 def main() -> None:
-    try:
-        cfg = load_config()
-    except ConfigError as error:
-        sys.exit(str(error))
+    cfg = load_config_or_exit()
     reports = cfg.paths.reports.split
     with tracking.stage_run("split", cfg, "common", "split"):
         labeled, unlabeled = find_labeled_images(cfg.paths.raw)

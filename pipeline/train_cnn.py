@@ -13,7 +13,7 @@ import keras
 import mlflow
 
 from pipeline import devices, tracking
-from pipeline.config import ConfigError, load_config
+from pipeline.config import load_config_or_exit
 from pipeline.datasets import image_dataset
 from pipeline.images import list_split
 from pipeline.models import build_cnn
@@ -21,11 +21,8 @@ from pipeline.training import fit, log_and_record_model, save_training_outputs
 
 
 def main() -> None:
-    try:
-        cfg = load_config()
-        plan, strategy = devices.configure(cfg.compute)
-    except (ConfigError, devices.DeviceError) as error:
-        sys.exit(str(error))
+    cfg = load_config_or_exit()
+    plan, strategy = devices.configure_or_exit(cfg.compute)
     params, paths, seed = cfg.train_cnn, cfg.paths, cfg.common.seed
     train = list_split(paths.split / "train")
     if params.use_augmented:

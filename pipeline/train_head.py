@@ -16,7 +16,7 @@ import numpy as np
 import tensorflow as tf
 
 from pipeline import devices, tracking
-from pipeline.config import ConfigError, load_config
+from pipeline.config import load_config_or_exit
 from pipeline.extract_features import load_features
 from pipeline.images import LabeledImage
 from pipeline.models import build_head, compose_transfer
@@ -37,11 +37,8 @@ def as_images(files: np.ndarray, labels: np.ndarray) -> list[LabeledImage]:
 
 
 def main() -> None:
-    try:
-        cfg = load_config()
-        plan, strategy = devices.configure(cfg.compute)
-    except (ConfigError, devices.DeviceError) as error:
-        sys.exit(str(error))
+    cfg = load_config_or_exit()
+    plan, strategy = devices.configure_or_exit(cfg.compute)
     params, paths, seed = cfg.head, cfg.paths, cfg.common.seed
     try:
         train_x, train_y, train_files = load_features(paths.features / "train.npz")

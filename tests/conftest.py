@@ -127,3 +127,16 @@ def set_params(workspace: Path, section: str, **values) -> None:
     params = yaml.safe_load(path.read_text())
     params[section].update(values)
     path.write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def tiny_config():
+    """`params.yaml` at the end-to-end test's tiny sizes: every test's config starts here."""
+    import yaml
+
+    from pipeline.config import parse_config
+    from tests.pipeline_copy import TINY_PARAMS
+
+    params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+    for section, values in TINY_PARAMS.items():
+        params[section].update(values)
+    return parse_config(params)

@@ -18,11 +18,11 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from pipeline.config import ComputeConfig, TrainCnnConfig, flatten
+from pipeline.config import ComputeConfig, flatten
 from pipeline.devices import DeviceError, is_chief, plan_compute
 from pipeline.models import build_cnn
 from pipeline.tracking import DEFAULT_EXPERIMENT
-from tests.conftest import REPO_ROOT, jpeg_bytes, photo
+from tests.conftest import REPO_ROOT, jpeg_bytes, photo, tiny_config
 
 CPU = ["/device:CPU:0"]
 TWO_GPUS = ["/device:GPU:0", "/device:GPU:1"]
@@ -94,19 +94,8 @@ def test_importing_devices_does_not_load_tensorflow() -> None:
 
 
 def test_mixed_precision_keeps_the_probability_in_float32() -> None:
-    cfg = TrainCnnConfig(
-        image_size=(32, 32),
-        conv_filters=[4],
-        dense_units=[4],
-        dropout=0.0,
-        batch_norm=True,
-        optimizer="adam",
-        learning_rate=1e-3,
-        momentum=0.9,
-        batch_size=4,
-        epochs=1,
-        patience=1,
-        use_augmented=False,
+    cfg = tiny_config().train_cnn.model_copy(
+        update={"conv_filters": [4], "dense_units": [4], "batch_norm": True}
     )
     keras.mixed_precision.set_global_policy("mixed_float16")
     try:

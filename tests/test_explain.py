@@ -6,7 +6,6 @@ import keras
 import numpy as np
 import pytest
 
-from pipeline.config import TrainCnnConfig
 from pipeline.explain import (
     feature_maps,
     first_layer_filters,
@@ -16,21 +15,10 @@ from pipeline.explain import (
 )
 from pipeline.images import LabeledImage
 from pipeline.models import build_cnn
-from tests.conftest import jpeg_bytes, photo
+from tests.conftest import jpeg_bytes, photo, tiny_config
 
-CFG = TrainCnnConfig(
-    image_size=(32, 32),
-    conv_filters=[4, 6],
-    dense_units=[8],
-    dropout=0.0,
-    batch_norm=True,
-    optimizer="adam",
-    learning_rate=1e-3,
-    momentum=0.9,
-    batch_size=4,
-    epochs=1,
-    patience=1,
-    use_augmented=False,
+CFG = tiny_config().train_cnn.model_copy(
+    update={"conv_filters": [4, 6], "dense_units": [8], "dropout": 0.0, "batch_norm": True}
 )
 
 

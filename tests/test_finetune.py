@@ -3,39 +3,13 @@ from __future__ import annotations
 import keras
 import numpy as np
 
-from pipeline.config import FeaturesConfig, FinetuneConfig, HeadConfig
 from pipeline.finetune import build_finetune_model, unfreeze_top
 from pipeline.models import build_backbone, build_head
+from tests.conftest import tiny_config
 
-FEATURES = FeaturesConfig(
-    backbone="vgg16",
-    weights="none",
-    image_size=(32, 32),
-    pooling="flatten",
-    batch_size=4,
-    include_augmented=False,
-)
-HEAD = HeadConfig(
-    units=4,
-    dropout=0.0,
-    optimizer="adam",
-    learning_rate=1e-3,
-    momentum=0.9,
-    batch_size=4,
-    epochs=1,
-    patience=1,
-)
-FINETUNE = FinetuneConfig(
-    enabled=True,
-    unfreeze_layers=3,
-    use_augmented=False,
-    optimizer="sgd",
-    learning_rate=1e-4,
-    momentum=0.9,
-    batch_size=4,
-    epochs=1,
-    patience=1,
-)
+FEATURES = tiny_config().features
+HEAD = tiny_config().head.model_copy(update={"units": 4})
+FINETUNE = tiny_config().finetune.model_copy(update={"use_augmented": False, "batch_size": 4})
 
 
 def test_only_the_top_block_becomes_trainable() -> None:

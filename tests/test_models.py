@@ -6,7 +6,6 @@ import keras
 import numpy as np
 import pytest
 
-from pipeline.config import FeaturesConfig, HeadConfig, TrainCnnConfig
 from pipeline.models import (
     WeightsUnavailableError,
     build_backbone,
@@ -16,39 +15,13 @@ from pipeline.models import (
     compose_transfer,
     make_optimizer,
 )
+from tests.conftest import tiny_config
 
-CNN = TrainCnnConfig(
-    image_size=(32, 32),
-    conv_filters=[8, 8, 16],
-    dense_units=[16],
-    dropout=0.5,
-    batch_norm=False,
-    optimizer="sgd",
-    learning_rate=0.01,
-    momentum=0.9,
-    batch_size=4,
-    epochs=1,
-    patience=1,
-    use_augmented=False,
+CNN = tiny_config().train_cnn.model_copy(
+    update={"conv_filters": [8, 8, 16], "optimizer": "sgd", "learning_rate": 0.01}
 )
-FEATURES = FeaturesConfig(
-    backbone="vgg16",
-    weights="none",
-    image_size=(32, 32),
-    pooling="flatten",
-    batch_size=4,
-    include_augmented=False,
-)
-HEAD = HeadConfig(
-    units=8,
-    dropout=0.5,
-    optimizer="adam",
-    learning_rate=1e-3,
-    momentum=0.9,
-    batch_size=4,
-    epochs=1,
-    patience=1,
-)
+FEATURES = tiny_config().features
+HEAD = tiny_config().head.model_copy(update={"units": 8, "learning_rate": 1e-3})
 
 
 def test_tutorial_cnn_has_three_blocks_and_a_sigmoid() -> None:

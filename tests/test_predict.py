@@ -5,28 +5,14 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import TrainCnnConfig
 from pipeline.models import build_cnn
 from pipeline.predict import main
-from tests.conftest import write_kaggle_tree
+from tests.conftest import tiny_config, write_kaggle_tree
 
 
 @pytest.fixture(scope="module")
 def model_path(tmp_path_factory) -> Path:
-    cfg = TrainCnnConfig(
-        image_size=(32, 32),
-        conv_filters=[4],
-        dense_units=[4],
-        dropout=0.0,
-        batch_norm=False,
-        optimizer="adam",
-        learning_rate=1e-3,
-        momentum=0.9,
-        batch_size=4,
-        epochs=1,
-        patience=1,
-        use_augmented=False,
-    )
+    cfg = tiny_config().train_cnn.model_copy(update={"conv_filters": [4], "dense_units": [4]})
     path = tmp_path_factory.mktemp("model") / "cnn.keras"
     build_cnn(cfg).save(path)
     return path

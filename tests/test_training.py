@@ -5,10 +5,10 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.config import HeadConfig
 from pipeline.models import build_head
 from pipeline.train_head import feature_dataset
 from pipeline.training import fit, save_training_outputs, summarize_history
+from tests.conftest import tiny_config
 
 HISTORY = {
     "loss": [0.9, 0.6, 0.5],
@@ -28,15 +28,15 @@ def test_head_learns_separable_features_and_outputs_are_saved(tmp_path: Path) ->
     rng = np.random.default_rng(0)
     labels = np.repeat([0, 1], 40).astype(np.int8)
     features = rng.normal(0, 1, (80, 6)).astype("float32") + labels[:, None] * 2.0
-    cfg = HeadConfig(
-        units=8,
-        dropout=0.1,
-        optimizer="adam",
-        learning_rate=0.01,
-        momentum=0.9,
-        batch_size=16,
-        epochs=15,
-        patience=3,
+    cfg = tiny_config().head.model_copy(
+        update={
+            "units": 8,
+            "dropout": 0.1,
+            "learning_rate": 0.01,
+            "batch_size": 16,
+            "epochs": 15,
+            "patience": 3,
+        }
     )
     model = build_head(6, cfg)
     history = fit(
