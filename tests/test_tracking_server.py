@@ -41,7 +41,7 @@ def test_pipeline_logs_to_a_shared_server_and_the_champion_predicts(tmp_path) ->
         assert "reports/mistakes_cnn.png" in artifacts and "reports/calibration.png" in artifacts
         assert evaluate.inputs.dataset_inputs[0].dataset.name == "test"
 
-        models = client.search_logged_models([experiment.experiment_id], output_format="list")
+        models = client.search_logged_models([experiment.experiment_id])
         assert sorted(m.name for m in models) == ["cnn", "finetuned", "transfer"]
         for model in models:
             assert {m.key for m in model.metrics} >= {"test_accuracy", "test_log_loss"}
