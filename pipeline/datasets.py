@@ -5,7 +5,10 @@ Kept apart from `pipeline.images` so the stages that only sort files never impor
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import tempfile
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
 
 import tensorflow as tf
 
@@ -19,8 +22,19 @@ def load_image(path, image_size: Sequence[int]):
     sees at prediction time exactly what it saw in training.
     """
     image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
-    image = tf.image.resize(image, image_size, method="bilinear", antialias=True)
+    # Antialiasing changes nothing when enlarging (within 1e-4) and costs 3x the plain
+    # bilinear resize, so it is applied only where some side shrinks.
+    shrinks = tf.reduce_any(tf.shape(image)[:2] > tf.constant(image_size, tf.int32))
+    image = tf.cond(
+        shrinks,
+        lambda: tf.image.resize(image, image_size, method="bilinear", antialias=True),
+        lambda: tf.image.resize(image, image_size, method="bilinear"),
+    )
     return tf.ensure_shape(image, (*image_size, 3))
+
+
+# Images held in memory for reshuffling a cached dataset: ~67 MB at 150x150, whatever N is.
+CACHED_SHUFFLE_BUFFER = 1000
 
 
 def image_dataset(
@@ -28,17 +42,65 @@ def image_dataset(
     image_size: Sequence[int],
     batch_size: int,
     shuffle_seed: int | None = None,
+    cache_file: Path | None = None,
 ):
-    """A batched, prefetched `tf.data.Dataset` of `(images, labels)` decoded in parallel."""
+    """A batched, prefetched `tf.data.Dataset` of `(images, labels)` decoded in parallel.
+
+    With `cache_file`, the first epoch decodes and resizes each image once and stores it as
+    uint8 in that file; later epochs read it back instead of decoding JPEGs again, which on
+    a CPU leaves both cores to training. The file holds N x height x width x 3 bytes, on
+    disk rather than in memory, so memory stays flat as the dataset grows.
+    """
     images = list(images)
     paths = [str(item.path) for item in images]
     labels = [float(item.label) for item in images]
     size = tuple(image_size)
     dataset = tf.data.Dataset.from_tensor_slices((paths, labels))
     if shuffle_seed is not None:
-        dataset = dataset.shuffle(len(paths), seed=shuffle_seed, reshuffle_each_iteration=True)
+        # Cached: shuffled once before the cache (the files are sorted by class) and then
+        # within a bounded buffer each epoch; a full-size buffer of pixels would hold the
+        # whole dataset in memory.
+        cached = cache_file is not None
+        dataset = dataset.shuffle(
+            len(paths), seed=shuffle_seed, reshuffle_each_iteration=not cached
+        )
     dataset = dataset.map(
         lambda path, label: (load_image(path, size), label),
         num_parallel_calls=tf.data.AUTOTUNE,
     )
+    if cache_file is not None:
+        dataset = dataset.map(lambda image, label: (to_uint8(image), label)).cache(str(cache_file))
+        if shuffle_seed is not None:
+            dataset = dataset.shuffle(CACHED_SHUFFLE_BUFFER, seed=shuffle_seed)
+        dataset = dataset.map(lambda image, label: (tf.cast(image, tf.float32), label))
     return dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+
+
+def to_uint8(image):
+    """0-255 floats rounded to bytes: what a JPEG holds, a quarter of float32's size."""
+    return tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
+
+
+@contextmanager
+def training_datasets(
+    train: Iterable[LabeledImage],
+    validation: Iterable[LabeledImage],
+    image_size: Sequence[int],
+    batch_size: int,
+    seed: int,
+    cache: bool,
+) -> Iterator[tuple[tf.data.Dataset, tf.data.Dataset]]:
+    """Shuffled training and ordered validation datasets, cached in a temporary folder.
+
+    The folder (under `TMPDIR`) and its cache files are removed when the block ends, however
+    it ends.
+    """
+    with tempfile.TemporaryDirectory(prefix="pipeline-image-cache-") as folder:
+
+        def cache_file(name: str) -> Path | None:
+            return Path(folder) / name if cache else None
+
+        yield (
+            image_dataset(train, image_size, batch_size, seed, cache_file("train")),
+            image_dataset(validation, image_size, batch_size, cache_file=cache_file("validation")),
+        )

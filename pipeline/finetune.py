@@ -10,6 +10,7 @@ CPU takes hours on the full dataset: `finetune.enabled` is off by default there.
 
 from __future__ import annotations
 
+import shutil
 import sys
 
 import keras
@@ -17,14 +18,13 @@ import mlflow
 
 from pipeline import devices, plots, tracking
 from pipeline.config import FinetuneConfig, load_config_or_exit
-from pipeline.datasets import image_dataset
+from pipeline.datasets import training_datasets
 from pipeline.files import atomic_file, write_json
 from pipeline.images import list_split
 from pipeline.models import compile_binary, compose_transfer
 from pipeline.training import (
     fit,
     log_and_record_model,
-    save_model,
     save_training_outputs,
     write_history,
 )
@@ -60,7 +60,9 @@ def main() -> None:
     reports = paths.reports.finetune
     if not params.enabled:
         # DVC still needs the stage's outputs: the head stage's model, and empty reports.
-        save_model(keras.models.load_model(paths.models.transfer), paths.models.finetuned)
+        # A byte copy, not a Keras load and save: same hash, so DVC's cache stores it once.
+        with atomic_file(paths.models.finetuned) as staging:
+            shutil.copyfile(paths.models.transfer, staging)
         write_history(reports / "history.csv", {})
         with atomic_file(reports / "history.png") as staging:
             plots.training_history({}, "fine-tuning disabled").savefig(staging)
@@ -80,24 +82,28 @@ def main() -> None:
         model, unfrozen = build_finetune_model(backbone, head, params)
     size = backbone.input_shape[1:3]
     batch_size = plan.global_batch_size(params.batch_size)
-    train_data = image_dataset(train, size, batch_size, shuffle_seed=seed)
-    validation_data = image_dataset(validation, size, batch_size)
-    if not plan.is_chief:
-        fit(model, train_data, validation_data, params, log_to_mlflow=False)
-        return
-    with tracking.stage_run("finetune", cfg, "common", "compute", "finetune", system_metrics=True):
-        mlflow.log_params(plan.params(params.batch_size))
-        mlflow.log_param("finetune.unfrozen", ",".join(unfrozen))
-        tracking.log_image_inputs(train, "train", "training")
-        tracking.log_image_inputs(validation, "validation", "validation")
-        history = fit(model, train_data, validation_data, params)
-        summary = save_training_outputs(
-            model, history, paths.models.finetuned, reports, "fine-tuned backbone + head"
-        )
-        mlflow.log_metrics(dict(summary))
-        mlflow.log_artifacts(str(reports), artifact_path="reports")
-        example = next(iter(validation_data))[0][:1].numpy()
-        log_and_record_model(model, "finetuned", example, reports, summary)
+    datasets = training_datasets(
+        train, validation, size, batch_size, seed, cfg.compute.cache_images
+    )
+    with datasets as (train_data, validation_data):
+        if not plan.is_chief:
+            fit(model, train_data, validation_data, params, log_to_mlflow=False)
+            return
+        with tracking.stage_run(
+            "finetune", cfg, "common", "compute", "finetune", system_metrics=True
+        ):
+            mlflow.log_params(plan.params(params.batch_size))
+            mlflow.log_param("finetune.unfrozen", ",".join(unfrozen))
+            tracking.log_image_inputs(train, "train", "training")
+            tracking.log_image_inputs(validation, "validation", "validation")
+            history = fit(model, train_data, validation_data, params)
+            summary = save_training_outputs(
+                model, history, paths.models.finetuned, reports, "fine-tuned backbone + head"
+            )
+            mlflow.log_metrics(dict(summary))
+            mlflow.log_artifacts(str(reports), artifact_path="reports")
+            example = next(iter(validation_data))[0][:1].numpy()
+            log_and_record_model(model, "finetuned", example, reports, summary)
     print(
         f"finetune: {summary['epochs_run']} epochs with {', '.join(unfrozen)} unfrozen, best "
         f"validation accuracy {summary['best_val_accuracy']:.3f}; saved {paths.models.finetuned}"

@@ -14,7 +14,7 @@ import mlflow
 
 from pipeline import devices, tracking
 from pipeline.config import load_config_or_exit
-from pipeline.datasets import image_dataset
+from pipeline.datasets import training_datasets
 from pipeline.images import list_split
 from pipeline.models import build_cnn
 from pipeline.training import fit, log_and_record_model, save_training_outputs
@@ -33,25 +33,29 @@ def main() -> None:
     reports = paths.reports.train_cnn
     keras.utils.set_random_seed(seed)
     batch_size = plan.global_batch_size(params.batch_size)
-    train_data = image_dataset(train, params.image_size, batch_size, shuffle_seed=seed)
-    validation_data = image_dataset(validation, params.image_size, batch_size)
-    with strategy.scope():
-        model = build_cnn(params)
-    if not plan.is_chief:  # another process of a multi-worker run: only the chief writes
-        fit(model, train_data, validation_data, params, log_to_mlflow=False)
-        return
-    sections = ("common", "compute", "train_cnn")
-    with tracking.stage_run("train_cnn", cfg, *sections, system_metrics=True):
-        mlflow.log_params(plan.params(params.batch_size))
-        tracking.log_image_inputs(train, "train", "training")
-        tracking.log_image_inputs(validation, "validation", "validation")
-        history = fit(model, train_data, validation_data, params)
-        summary = save_training_outputs(model, history, paths.models.cnn, reports, "scratch CNN")
-        mlflow.log_metrics(dict(summary))
-        mlflow.log_metrics({"train_images": len(train), "validation_images": len(validation)})
-        mlflow.log_artifacts(str(reports), artifact_path="reports")
-        example = next(iter(validation_data))[0][:2].numpy()
-        log_and_record_model(model, "cnn", example, reports, summary)
+    datasets = training_datasets(
+        train, validation, params.image_size, batch_size, seed, cfg.compute.cache_images
+    )
+    with datasets as (train_data, validation_data):
+        with strategy.scope():
+            model = build_cnn(params)
+        if not plan.is_chief:  # another process of a multi-worker run: only the chief writes
+            fit(model, train_data, validation_data, params, log_to_mlflow=False)
+            return
+        sections = ("common", "compute", "train_cnn")
+        with tracking.stage_run("train_cnn", cfg, *sections, system_metrics=True):
+            mlflow.log_params(plan.params(params.batch_size))
+            tracking.log_image_inputs(train, "train", "training")
+            tracking.log_image_inputs(validation, "validation", "validation")
+            history = fit(model, train_data, validation_data, params)
+            summary = save_training_outputs(
+                model, history, paths.models.cnn, reports, "scratch CNN"
+            )
+            mlflow.log_metrics(dict(summary))
+            mlflow.log_metrics({"train_images": len(train), "validation_images": len(validation)})
+            mlflow.log_artifacts(str(reports), artifact_path="reports")
+            example = next(iter(validation_data))[0][:2].numpy()
+            log_and_record_model(model, "cnn", example, reports, summary)
     print(
         f"train_cnn: {summary['epochs_run']} epochs on {len(train)} images, best epoch "
         f"{summary['best_epoch']} with validation accuracy {summary['best_val_accuracy']:.3f}; "

@@ -1,0 +1,84 @@
+"""The tf.data input: decoded images match with or without the uint8 cache, and it cleans up."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline.datasets import image_dataset, training_datasets
+from pipeline.images import LabeledImage
+from tests.conftest import write_kaggle_tree
+
+SIZE = (24, 20)
+
+
+@pytest.fixture
+def images(tmp_path: Path) -> list[LabeledImage]:
+    paths = write_kaggle_tree(tmp_path / "src", per_class=6)
+    return [LabeledImage(path, int(path.name.startswith("dog"))) for path in paths]
+
+
+def epoch(dataset) -> tuple[np.ndarray, np.ndarray]:
+    batches = list(dataset.as_numpy_iterator())
+    return np.concatenate([x for x, _ in batches]), np.concatenate([y for _, y in batches])
+
+
+def test_cached_pixels_are_the_decoded_ones_rounded(images, tmp_path: Path) -> None:
+    plain_x, plain_y = epoch(image_dataset(images, SIZE, 5))
+    cache = tmp_path / "cache"
+    cached = image_dataset(images, SIZE, 5, cache_file=cache)
+    first_x, first_y = epoch(cached)
+    second_x, second_y = epoch(cached)  # read back from the cache file
+    assert plain_x.shape == first_x.shape == (12, *SIZE, 3) and first_x.dtype == np.float32
+    assert np.abs(first_x - plain_x).max() <= 0.5
+    np.testing.assert_array_equal(first_x, second_x)
+    np.testing.assert_array_equal(first_y, plain_y)
+    np.testing.assert_array_equal(second_y, plain_y)
+    assert cache.with_suffix(".index").is_file()
+
+
+def test_cached_training_data_is_shuffled_each_epoch_and_keeps_every_image(images, tmp_path):
+    dataset = image_dataset(images, SIZE, 12, shuffle_seed=3, cache_file=tmp_path / "cache")
+    orders = [epoch(dataset) for _ in range(3)]
+    labels = [y for _, y in orders]
+    assert all(sorted(y) == [0.0] * 6 + [1.0] * 6 for y in labels)
+    assert not all(np.array_equal(labels[0], y) for y in labels[1:])
+    # The same images every epoch, in another order: compare them as a sorted set of sums.
+    sums = [np.sort(x.reshape(len(x), -1).sum(axis=1)) for x, _ in orders]
+    np.testing.assert_allclose(sums[0], sums[2])
+
+
+@pytest.mark.parametrize("cache", [True, False])
+def test_training_datasets_cache_only_when_asked_and_clean_up(
+    images, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cache: bool
+) -> None:
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    with training_datasets(images[:8], images[8:], SIZE, 4, seed=0, cache=cache) as (train, val):
+        train_x, _ = epoch(train)
+        val_x, val_y = epoch(val)
+        (folder,) = (tmp_path / "tmp").iterdir()
+        written = sorted(path.name for path in folder.iterdir())
+    assert len(train_x) == 8 and len(val_x) == len(val_y) == 4
+    assert any(name.startswith("train") for name in written) == cache
+    assert any(name.startswith("validation") for name in written) == cache
+    assert not folder.exists()
+
+
+@pytest.mark.parametrize("source_size", [(12, 10), (24, 20), (60, 44), (16, 40)])
+def test_load_image_matches_an_antialiased_resize_whether_it_shrinks_or_grows(
+    tmp_path: Path, source_size: tuple[int, int]
+) -> None:
+    import tensorflow as tf
+
+    from pipeline.datasets import load_image
+    from tests.conftest import jpeg_bytes, photo
+
+    path = tmp_path / "image.jpg"
+    path.write_bytes(jpeg_bytes(photo(1, seed=4, size=source_size)))
+    decoded = tf.io.decode_jpeg(path.read_bytes(), channels=3)
+    expected = tf.image.resize(decoded, SIZE, antialias=True).numpy()
+    np.testing.assert_allclose(load_image(str(path), SIZE).numpy(), expected, atol=1e-3)
