@@ -37,7 +37,9 @@ def jpeg_bytes(image: Image.Image, **save_args) -> bytes:
     return out.getvalue()
 
 
-def write_kaggle_tree(root: Path, per_class: int, start: int = 0) -> list[Path]:
+def write_kaggle_tree(
+    root: Path, per_class: int, start: int = 0, size: tuple[int, int] = (48, 40)
+) -> list[Path]:
     """`root/train/cat.N.jpg` and `root/train/dog.N.jpg`, Kaggle's layout."""
     folder = root / "train"
     folder.mkdir(parents=True, exist_ok=True)
@@ -45,7 +47,7 @@ def write_kaggle_tree(root: Path, per_class: int, start: int = 0) -> list[Path]:
     for label, name in enumerate(("cat", "dog")):
         for n in range(start, start + per_class):
             path = folder / f"{name}.{n}.jpg"
-            path.write_bytes(jpeg_bytes(photo(label, seed=label * 10_000 + n)))
+            path.write_bytes(jpeg_bytes(photo(label, seed=label * 10_000 + n, size=size)))
             paths.append(path)
     return paths
 

@@ -70,7 +70,10 @@ class PipelineCopy:
     first_repro_output: str = ""
 
     @classmethod
-    def create(cls, target: Path, dataset: Path, overrides: dict | None = None) -> PipelineCopy:
+    def create(
+        cls, target: Path, dataset: Path, overrides: dict | None = None, tiny: bool = True
+    ) -> PipelineCopy:
+        """A git+DVC copy reading `dataset`: with TINY_PARAMS, or the repository's own."""
         for name in tracked_files(REPO_ROOT):
             source = REPO_ROOT / name
             if source.is_file():
@@ -78,7 +81,7 @@ class PipelineCopy:
                 shutil.copy2(source, target / name)
         copy = cls(root=target, env=clean_env(target))
         params = yaml.safe_load((target / "params.yaml").read_text())
-        merged = {**TINY_PARAMS, **(overrides or {})}
+        merged = {**(TINY_PARAMS if tiny else {}), **(overrides or {})}
         merged["download"] = {"source": "local", "local_path": str(dataset)}
         for section, values in merged.items():
             params[section].update(values)

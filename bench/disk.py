@@ -1,0 +1,188 @@
+"""Disk used by a full run, against the raw archive, and how long `dvc status` takes.
+
+A throwaway `tests.pipeline_copy.PipelineCopy` runs `dvc repro` from scratch with the tests'
+small models but the configured image sizes for `augment` and `features` (they decide the
+bytes written: stored variants and flattened VGG16 features) and `finetune.enabled` as
+configured (another VGG16-sized model when on). Then: bytes under `data/`,
+`models/` and `.dvc/cache` (apparent, and on disk counting a hard-linked file once), each
+as a ratio to the `--images` archive, and `dvc status` wall time. Last, the same after
+`dvc config cache.type hardlink` and `dvc checkout --relink`, the candidate that stops
+the workspace and the cache holding two copies of every output.
+`--repo DIR` measures an existing repository where the pipeline ran instead (read only:
+no relink).
+
+    python -m bench.disk [--images DIR_OR_ZIP] [--out bench/results] [--quick] [--repo DIR]
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+from bench.common import Report, base_parser, median, path_bytes, ratio, repo_config, timed
+
+DATA_PARTS = ("data/raw", "data/split", "data/augmented", "data/features", "models", "reports")
+# Not DVC's, but written by every run: the MLflow store, its artifacts (models again).
+TRACKING_PARTS = ("mlartifacts", "mlflow.db")
+CACHE = ".dvc/cache"
+
+
+def usage(path: Path, seen: set[tuple[int, int]]) -> dict[str, int]:
+    """Apparent bytes, allocated bytes of inodes not in `seen` (then added), and file count."""
+    apparent = on_disk = files = 0
+    candidates = [path] if path.is_file() else (p for p in path.rglob("*"))
+    for item in candidates:
+        if item.is_symlink() or not item.is_file():
+            continue
+        stat = item.stat()
+        files += 1
+        apparent += stat.st_size
+        key = (stat.st_dev, stat.st_ino)
+        if key not in seen:
+            seen.add(key)
+            on_disk += stat.st_blocks * 512
+    return {"apparent": apparent, "on_disk": on_disk, "files": files}
+
+
+def measure(root: Path) -> dict[str, dict[str, int]]:
+    """Usage of each output folder, then of the cache beyond what the workspace already holds."""
+    seen: set[tuple[int, int]] = set()
+    parts = {part: usage(root / part, seen) for part in DATA_PARTS if (root / part).exists()}
+    if (root / CACHE).exists():
+        parts[CACHE] = usage(root / CACHE, seen)
+    parts["total"] = {key: sum(p[key] for p in parts.values()) for key in ("apparent", "on_disk")}
+    parts["total"]["files"] = sum(p["files"] for n, p in parts.items() if n != "total")
+    for part in TRACKING_PARTS:
+        if (root / part).exists():
+            parts[part] = usage(root / part, seen)
+    return parts
+
+
+def first_file_writable(folder: Path) -> bool | None:
+    """Whether outputs stay writable (DVC makes linked outputs read-only to protect its cache)."""
+    found = next((p for p in folder.rglob("*") if p.is_file()), None)
+    return None if found is None else os.access(found, os.W_OK)
+
+
+def status_seconds(run_dvc, repeats: int) -> dict[str, object]:
+    times, output = [], ""
+    for _ in range(repeats):
+        seconds, output = timed(lambda: run_dvc("status"))
+        times.append(seconds)
+    return {"seconds": times, "median_s": median(times), "output_tail": output.strip()[-300:]}
+
+
+def main(argv: Sequence[str] | None = None) -> Path:
+    parser = base_parser(__doc__.split("\n\n")[0])
+    parser.add_argument("--repo", type=Path, help="measure this repository instead of a copy")
+    parser.add_argument("--repeats", type=int, default=3, help="dvc status runs (default 3)")
+    parser.add_argument("--workdir", type=Path, help="where to make the copy (default: temp)")
+    args = parser.parse_args(argv)
+
+    from tests.pipeline_copy import TINY_PARAMS, PipelineCopy, clean_env
+
+    report = Report("disk", "Disk use of a full run, and dvc status time", args.quick)
+    images = args.images.expanduser().resolve()
+    archive_bytes = path_bytes(images)
+    configured = repo_config()
+    overrides = {}
+    if not args.quick:  # the sizes that decide the bytes, and fine-tuning on or off, as configured
+        overrides = {
+            "augment": {"variants": 1, "image_size": list(configured.augment.image_size)},
+            "features": {"weights": "none"},
+            "finetune": {"enabled": configured.finetune.enabled, "epochs": 1},
+        }
+    states: dict[str, dict] = {}
+    holder = None
+    try:
+        if args.repo:
+            root = args.repo.expanduser().resolve()
+            copy = PipelineCopy(root=root, env=clean_env(root))
+            repro_s = None
+        else:
+            holder = tempfile.TemporaryDirectory(prefix="bench-disk-", dir=args.workdir)
+            root = Path(holder.name)
+            copy = PipelineCopy.create(root, images, overrides)
+            repro_s, _ = timed(lambda: copy.dvc("repro"))
+        cache_type = copy.dvc("config", "cache.type", check=False).strip() or "default"
+        states[f"as run (cache.type {cache_type})"] = {
+            "usage": measure(root),
+            "status": status_seconds(copy.dvc, args.repeats),
+        }
+        if not args.repo:
+            copy.dvc("config", "cache.type", "hardlink")
+            relink_s, _ = timed(lambda: copy.dvc("checkout", "--relink"))
+            states["candidate: cache.type hardlink + checkout --relink"] = {
+                "usage": measure(root),
+                "status": status_seconds(copy.dvc, args.repeats),
+                "relink_s": relink_s,
+                "split_files_writable": first_file_writable(root / "data" / "split"),
+            }
+    finally:
+        if holder is not None:
+            holder.cleanup()
+
+    rows = []
+    for name, state in states.items():
+        used = state["usage"]
+        for part, u in used.items():
+            u["ratio_apparent_to_archive"] = ratio(u["apparent"], archive_bytes)
+            u["ratio_on_disk_to_archive"] = ratio(u["on_disk"], archive_bytes)
+            rows.append(
+                [
+                    name,
+                    part,
+                    u["files"],
+                    u["apparent"] / 2**20,
+                    u["on_disk"] / 2**20,
+                    f"{u['ratio_on_disk_to_archive']:.1f}x",
+                ]
+            )
+    first, *rest = states.values()
+    report.settings = {
+        "images": str(images),
+        "repo": str(args.repo) if args.repo else "throwaway copy",
+        "params": {**TINY_PARAMS, **overrides} if not args.repo else "as in the repository",
+        "status_repeats": args.repeats,
+    }
+    report.results = {
+        "archive_bytes": archive_bytes,
+        "repro_from_scratch_s": repro_s,
+        "states": states,
+        "total_on_disk_to_archive": first["usage"]["total"]["ratio_on_disk_to_archive"],
+        "dvc_status_s": first["status"]["median_s"],
+    }
+    if rest:
+        report.results["candidate_total_on_disk_to_archive"] = rest[0]["usage"]["total"][
+            "ratio_on_disk_to_archive"
+        ]
+    report.table(
+        f"Bytes against the raw archive ({archive_bytes / 2**20:.1f} MiB, {images.name}); "
+        "on disk counts each hard-linked file once, the cache row only what the workspace "
+        "does not already hold; total is data/, models/, reports/ and the cache "
+        "(MLflow's store listed after it)",
+        ["state", "folder", "files", "MiB apparent", "MiB on disk", "on disk / archive"],
+        rows,
+    )
+    report.table(
+        f"dvc status wall time (median of {args.repeats})",
+        ["state", "seconds", "files (workspace + cache)"],
+        [
+            [name, s["status"]["median_s"], s["usage"]["total"]["files"]]
+            for name, s in states.items()
+        ],
+    )
+    report.target(
+        "data/ + models/ + reports/ + DVC cache, on disk / archive",
+        report.results["total_on_disk_to_archive"],
+        "reported",
+        None,
+    )
+    report.target("dvc status", report.results["dvc_status_s"], "reported", None, unit=" s")
+    return report.write(args.out)
+
+
+if __name__ == "__main__":
+    main()

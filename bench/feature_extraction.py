@@ -1,0 +1,188 @@
+"""VGG16 feature extraction: the stage's real path vs. a plain forward pass over the same images.
+
+Real path: the files through `pipeline.datasets.image_dataset` into `backbone.predict`,
+exactly `pipeline.extract_features.extract`. Plain: the same images decoded into memory
+beforehand, then `backbone.predict` on the array. Their ratio is what the input pipeline
+costs extraction. The backbone is `pipeline.models.build_backbone` with params.yaml's
+`features` section and `weights: none` (random weights cost the same FLOPs as ImageNet's).
+Both run in float32 and, where the CPU has native bfloat16 (AVX-512 BF16 or AMX), under
+Keras' `mixed_bfloat16` policy.
+
+    python -m bench.feature_extraction [--images DIR_OR_ZIP] [--out bench/results] [--quick]
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+from bench.common import (
+    Report,
+    base_parser,
+    decode_all,
+    matmul_peak_gflops,
+    model_flops,
+    pct,
+    prepare_images,
+    ratio,
+    repo_config,
+    supports_bf16,
+    timed,
+)
+from pipeline.config import FeaturesConfig
+from pipeline.images import LabeledImage
+
+TARGET_RATIO = 1.3
+POLICIES = ("float32", "mixed_bfloat16")
+
+
+def measure_policy(
+    policy: str,
+    cfg: FeaturesConfig,
+    images: Sequence[LabeledImage],
+    repeats: int,
+    seed: int,
+) -> dict[str, object]:
+    """Real-path and plain images/s of a backbone built under one Keras dtype policy."""
+    import keras
+
+    from pipeline.extract_features import extract
+    from pipeline.models import build_backbone
+
+    keras.mixed_precision.set_global_policy(policy)
+    try:
+        keras.utils.set_random_seed(seed)
+        backbone = build_backbone(cfg)
+        pixels, _labels = decode_all(images, cfg.image_size)
+
+        def real() -> None:
+            # The stage's progress bar goes to stdout; keep it out of the report.
+            with contextlib.redirect_stdout(io.StringIO()):
+                extract(backbone, list(images), cfg)
+
+        def plain() -> None:
+            backbone.predict(pixels, batch_size=cfg.batch_size, verbose=0)
+
+        warm = list(images[: cfg.batch_size])
+        with contextlib.redirect_stdout(io.StringIO()):
+            extract(backbone, warm, cfg)  # warm-up: tracing, oneDNN primitive creation
+        backbone.predict(pixels[: cfg.batch_size], batch_size=cfg.batch_size, verbose=0)
+        times: dict[str, list[float]] = {"real": [], "plain": []}
+        for _ in range(repeats):  # interleaved, so load from other processes hits each alike
+            times["real"].append(timed(real)[0])
+            times["plain"].append(timed(plain)[0])
+        flops = model_flops(backbone)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    rates = {path: len(images) / min(seconds) for path, seconds in times.items()}
+    return {
+        "images_per_s": rates,
+        "seconds": times,
+        "plain_over_real": ratio(rates["plain"], rates["real"]),
+        "forward_flops_per_image": flops,
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> Path:
+    parser = base_parser(__doc__.split("\n\n")[0])
+    parser.add_argument("--limit", type=int, help="images to extract (default 256)")
+    parser.add_argument("--repeats", type=int, help="interleaved timed passes per path (default 2)")
+    parser.add_argument("--matmul-n", type=int, help="matmul size for the peak (default 4096)")
+    parser.add_argument(
+        "--bf16",
+        choices=("auto", "force", "skip"),
+        default="auto",
+        help="mixed_bfloat16: where the CPU supports it (auto), always (force), never (skip)",
+    )
+    args = parser.parse_args(argv)
+
+    base = repo_config()
+    # VGG16 whatever params.yaml picks: the issue's figure is the tutorial's backbone.
+    cfg = base.features.model_copy(update={"weights": "none", "backbone": "vgg16"})
+    limit = args.limit or (16 if args.quick else 256)
+    repeats = args.repeats or (1 if args.quick else 2)
+    matmul_n = args.matmul_n or (512 if args.quick else 4096)
+    if args.quick:
+        cfg = cfg.model_copy(update={"image_size": (32, 32), "batch_size": 8})
+    native_bf16 = supports_bf16()
+    run_bf16 = args.bf16 == "force" or (args.bf16 == "auto" and native_bf16)
+
+    report = Report("feature_extraction", "VGG16 features: real path vs. plain forward", args.quick)
+    peak = matmul_peak_gflops(matmul_n, repeats=3)
+    with tempfile.TemporaryDirectory(prefix="bench-features-") as workdir:
+        images = prepare_images(args.images, Path(workdir), limit)
+        results: dict[str, object] = {}
+        for policy in POLICIES:
+            if policy == "mixed_bfloat16" and not run_bf16:
+                reason = "not supported on this CPU" if not native_bf16 else "skipped (--bf16 skip)"
+                results[policy] = {"skipped": reason}
+                continue
+            results[policy] = measure_policy(policy, cfg, images, repeats, base.common.seed)
+
+    rows = []
+    for policy, result in results.items():
+        if "skipped" in result:
+            rows.append([policy, result["skipped"], "", "", "", ""])
+            continue
+        flops = result["forward_flops_per_image"]["total"]
+        for path, label in (("real", "files -> image_dataset -> predict"), ("plain", "in memory")):
+            rate = result["images_per_s"][path]
+            result.setdefault("share_of_float32_peak", {})[path] = (
+                rate * flops / 1e9 / peak["gflops"]
+            )
+            rows.append(
+                [
+                    policy,
+                    label,
+                    rate,
+                    rate * flops / 1e9,
+                    pct(rate * flops / 1e9 / peak["gflops"]),
+                    f"{result['plain_over_real']:.2f}x" if path == "real" else "1.00x",
+                ]
+            )
+    float32 = results["float32"]
+    headline = float32["plain_over_real"]
+    report.settings = {
+        "features": cfg.model_dump(mode="json"),
+        "images": len(images),
+        "repeats": repeats,
+        "matmul_n": matmul_n,
+        "bf16_mode": args.bf16,
+    }
+    report.results = {
+        "peak": peak,
+        "policies": results,
+        "float32_real_images_per_s": float32["images_per_s"]["real"],
+        "float32_plain_images_per_s": float32["images_per_s"]["plain"],
+        "float32_plain_over_real": headline,
+        "bf16_native": native_bf16,
+    }
+    flops = float32["forward_flops_per_image"]["total"]
+    report.table(
+        f"{len(images)} images at {cfg.image_size[0]}x{cfg.image_size[1]}, batch "
+        f"{cfg.batch_size}, pooling {cfg.pooling}; {flops / 1e9:.2f} GFLOP per image; "
+        f"float32 peak {peak['gflops']:.0f} GFLOP/s; best of {repeats} interleaved passes",
+        ["policy", "path", "images/s", "GFLOP/s", "share of fp32 peak", "plain / this"],
+        rows,
+    )
+    report.target(
+        "plain / real path, float32",
+        headline,
+        f"<= {TARGET_RATIO:g}x",
+        None if headline is None else headline <= TARGET_RATIO,
+    )
+    bf16 = results["mixed_bfloat16"]
+    if "skipped" in bf16:
+        report.target("mixed_bfloat16 speed-up", None, bf16["skipped"], None)
+    else:
+        speedup = ratio(bf16["images_per_s"]["plain"], float32["images_per_s"]["plain"])
+        report.results["bf16_plain_speedup"] = speedup
+        report.target("mixed_bfloat16 / float32, plain", speedup, "reported", None)
+    return report.write(args.out)
+
+
+if __name__ == "__main__":
+    main()

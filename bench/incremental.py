@@ -1,0 +1,252 @@
+"""Wall time of `dvc repro` on a throwaway copy: from scratch, then after small edits.
+
+The copy is `tests.pipeline_copy.PipelineCopy`: this repository's files and params.yaml
+(`--params repo`, the default; with `features.weights: none`, since the ImageNet weights
+cannot be assumed downloadable, and cost the same FLOPs) or the tests' small params
+(`--params tests`, the default with `--quick`), and `download.source: local` pointing at
+`--images`. Four runs, one after the
+other: from scratch; with nothing changed; after a `head` param edit; after a `train_cnn`
+param edit (which must not re-run `augment`). Each is reported as a ratio to the
+from-scratch time, with the stages DVC ran and the time spent inside them (their MLflow
+runs' durations), so the rest is process start-up and DVC's own work.
+
+    python -m bench.incremental [--images DIR_OR_ZIP] [--out bench/results] [--quick]
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Sequence
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from bench.common import REPO_ROOT, Report, Timer, base_parser, dvc_stages, ratio, timed
+
+NO_OP_TARGET_S = 5.0
+HEAD_EDIT_TARGET = 0.05
+PARAMS_DESCRIPTIONS = {
+    "repo": "the repository's params.yaml (features.weights: none)",
+    "tests": "the tests' small params",
+}
+STAGE_TAG = "pipeline.stage"
+PARENT_STAGE = "pipeline"  # the tag value of the run that groups one execution's stages
+
+
+def stages_run(output: str) -> list[str]:
+    return re.findall(r"Running stage '([\w-]+)'", output)
+
+
+def stage_seconds(copy, seen: set[str]) -> dict[str, float]:
+    """Seconds inside each stage's MLflow run among the runs not in `seen` (then adds them)."""
+    client, experiment = copy.mlflow()
+    durations: dict[str, float] = {}
+    for run in client.search_runs([experiment.experiment_id], max_results=1000):
+        if run.info.run_id in seen:
+            continue
+        seen.add(run.info.run_id)
+        stage = run.data.tags.get(STAGE_TAG)
+        if stage and stage != PARENT_STAGE and run.info.end_time:
+            durations[stage] = (run.info.end_time - run.info.start_time) / 1000
+    return durations
+
+
+def probe_overheads() -> None:
+    """Run in a fresh interpreter: what a training stage pays besides its own work.
+
+    Prints JSON: seconds to import TensorFlow+Keras and MLflow, and to log a small Keras
+    model to MLflow as the stages do (pip requirements inferred) and with them given.
+    """
+    with Timer() as keras_import:
+        import keras
+    with Timer() as mlflow_import:
+        import mlflow
+        import mlflow.keras
+        from mlflow.models import infer_signature
+    from bench.common import repo_config
+    from pipeline.models import build_cnn
+
+    cfg = repo_config().train_cnn.model_copy(update={"image_size": (32, 32)})
+    model = build_cnn(cfg)
+    example = np.zeros((1, 32, 32, 3), dtype=np.float32)
+    mlflow.set_tracking_uri(f"sqlite:///{Path.cwd() / 'mlflow.db'}")
+    mlflow.set_experiment("bench-overheads")
+    requirements = [f"{name}=={metadata.version(name)}" for name in ("tensorflow", "keras")]
+    with mlflow.start_run():
+        signature = infer_signature(example, model.predict(example, verbose=0))
+        with Timer() as inferred:
+            mlflow.keras.log_model(model, name="inferred", signature=signature)
+        with Timer() as given:
+            mlflow.keras.log_model(
+                model, name="given", signature=signature, pip_requirements=requirements
+            )
+    del keras
+    print(
+        json.dumps(
+            {
+                "import_tensorflow_keras_s": keras_import.seconds,
+                "import_mlflow_s": mlflow_import.seconds,
+                "log_model_requirements_inferred_s": inferred.seconds,
+                "log_model_requirements_given_s": given.seconds,
+            }
+        )
+    )
+
+
+def measure_overheads() -> dict[str, float]:
+    from tests.pipeline_copy import clean_env
+
+    command = "from bench.incremental import probe_overheads; probe_overheads()"
+    with tempfile.TemporaryDirectory(prefix="bench-overheads-") as probe, Timer() as total:
+        result = subprocess.run(
+            [sys.executable, "-c", command],
+            cwd=probe,
+            env=clean_env(REPO_ROOT),
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=900,
+        )
+    overheads = json.loads(result.stdout.strip().splitlines()[-1])
+    overheads["process_total_s"] = total.seconds
+    return overheads
+
+
+def main(argv: Sequence[str] | None = None) -> Path:
+    parser = base_parser(__doc__.split("\n\n")[0])
+    parser.add_argument("--workdir", type=Path, help="where to make the copy (default: a temp dir)")
+    parser.add_argument("--keep", action="store_true", help="keep the copy afterwards")
+    parser.add_argument(
+        "--params",
+        choices=("repo", "tests"),
+        help="params.yaml as the repository has it, or the tests' small one "
+        "(default: repo; tests with --quick)",
+    )
+    args = parser.parse_args(argv)
+    which_params = args.params or ("tests" if args.quick else "repo")
+
+    from tests.pipeline_copy import PipelineCopy
+
+    report = Report("incremental", "Incremental re-runs: dvc repro wall time", args.quick)
+    images = args.images.expanduser().resolve()
+    workdir = Path(tempfile.mkdtemp(prefix="bench-incremental-", dir=args.workdir))
+    try:
+        copy = PipelineCopy.create(
+            workdir,
+            images,
+            overrides=None if which_params == "tests" else {"features": {"weights": "none"}},
+            tiny=which_params == "tests",
+        )
+        params = yaml.safe_load((workdir / "params.yaml").read_text())
+        head_lr = params["head"]["learning_rate"]
+        dropout = 0.4 if params["train_cnn"]["dropout"] != 0.4 else 0.3
+        edits = {
+            "from scratch": None,
+            "nothing changed": None,
+            f"head.learning_rate -> {head_lr * 10:g}": ("head", "learning_rate", head_lr * 10),
+            f"train_cnn.dropout -> {dropout:g}": ("train_cnn", "dropout", dropout),
+        }
+        seen: set[str] = set()
+        steps: dict[str, dict] = {}
+        for name, edit in edits.items():
+            if edit is not None:
+                copy.set_param(*edit)
+            seconds, output = timed(lambda: copy.dvc("repro"))
+            inside = stage_seconds(copy, seen)
+            steps[name] = {
+                "seconds": seconds,
+                "stages_run": stages_run(output),
+                "stage_seconds": inside,
+                "inside_stages_s": sum(inside.values()),
+            }
+        overheads = measure_overheads()
+    finally:
+        if args.keep:
+            print(f"incremental: kept the copy in {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+    scratch = steps["from scratch"]["seconds"]
+    for step in steps.values():
+        step["ratio_to_scratch"] = ratio(step["seconds"], scratch)
+        step["outside_stages_s"] = step["seconds"] - step["inside_stages_s"]
+    cnn_step = list(steps.values())[-1]
+    augment_reran = "augment" in cnn_step["stages_run"]
+    report.settings = {
+        "params": which_params,
+        "params_yaml": params,
+        "images": str(images),
+    }
+    report.results = {
+        "steps": steps,
+        "augment_reran_after_train_cnn_edit": augment_reran,
+        "overheads": overheads,
+        "from_scratch_s": scratch,
+        "kept_copy": str(workdir) if args.keep else None,
+    }
+    report.table(
+        f"dvc repro on a copy with {PARAMS_DESCRIPTIONS[which_params]}, one run after the other",
+        ["run", "stages run", "wall s", "x from scratch", "inside stages s", "outside s"],
+        [
+            [
+                name,
+                ", ".join(step["stages_run"]) or "none",
+                step["seconds"],
+                f"{step['ratio_to_scratch']:.2f}x",
+                step["inside_stages_s"],
+                step["outside_stages_s"],
+            ]
+            for name, step in steps.items()
+        ],
+    )
+    report.table(
+        "Time inside each stage of the from-scratch run (its MLflow run's duration)",
+        ["stage", "seconds"],
+        [
+            [stage, steps["from scratch"]["stage_seconds"].get(stage)]
+            for stage in dvc_stages()
+            if stage in steps["from scratch"]["stage_seconds"]
+        ],
+    )
+    no_op = steps["nothing changed"]["seconds"]
+    report.target(
+        "nothing changed", no_op, f"<= {NO_OP_TARGET_S:g} s", no_op <= NO_OP_TARGET_S, unit=" s"
+    )
+    head_ratio = list(steps.values())[2]["ratio_to_scratch"]
+    report.target(
+        "a head param edit / from scratch",
+        head_ratio,
+        f"<= {HEAD_EDIT_TARGET:g}x",
+        None if head_ratio is None else head_ratio <= HEAD_EDIT_TARGET,
+    )
+    report.target(
+        "augment re-ran after a train_cnn edit", augment_reran, "no", not augment_reran, unit=""
+    )
+    report.table(
+        "Fixed costs every stage pays, measured in a fresh interpreter after the runs",
+        ["cost", "seconds"],
+        [
+            ["import TensorFlow + Keras", overheads["import_tensorflow_keras_s"]],
+            ["import MLflow", overheads["import_mlflow_s"]],
+            [
+                "mlflow.keras.log_model, pip requirements inferred (MLflow's default)",
+                overheads["log_model_requirements_inferred_s"],
+            ],
+            [
+                "mlflow.keras.log_model, pip_requirements given (as the stages log)",
+                overheads["log_model_requirements_given_s"],
+            ],
+        ],
+    )
+    return report.write(args.out)
+
+
+if __name__ == "__main__":
+    main()

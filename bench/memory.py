@@ -1,0 +1,304 @@
+"""Peak memory and time of every stage as the number of images grows.
+
+For each N (default 1,000, 4,000 and 16,000), N small JPEGs (128x128, generated like the
+tests' images, half cats, half dogs) go into a fresh `tests.pipeline_copy.PipelineCopy`,
+and each stage runs as its own subprocess, `python -m pipeline.<stage>`, in DVC's order.
+Its peak resident memory is the child's `ru_maxrss` from `os.wait4`. A stage whose peak
+stays flat as N grows streams its data; time should grow linearly in N. Epochs are 1 and
+images are small (`--image-size`, default 32) so the default run fits in about 20 minutes
+on a 2-core CPU: VGG16 at 150x150 would take an hour for the largest N alone.
+
+    python -m bench.memory [--sizes 1000,4000,16000] [--out bench/results] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import tempfile
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from bench.common import (
+    REPO_ROOT,
+    Report,
+    Timer,
+    base_parser,
+    dvc_stages,
+    ratio,
+    write_synthetic_images,
+)
+
+WATCHED = ("train_cnn", "extract_features")  # the stages whose peaks must stay flat
+DEFAULT_SIZES = (1000, 4000, 16000)
+QUICK_SIZES = (16, 32)
+FLAT_GROWTH = 1.25  # peak at the largest N at most 25% above the peak at the smallest
+# Linear: one straight line through (N, seconds) predicts every measured time within 10%.
+# (R^2 misleads here: where start-up dominates, noise outweighs the small slope.)
+LINEAR_TOLERANCE = 0.10
+
+
+def run_measured(
+    command: Sequence[str], cwd: Path, env: dict[str, str], log: Path, timeout: float
+) -> dict[str, float | int]:
+    """Wall seconds, CPU seconds and peak RSS (MiB) of one child process, from `os.wait4`."""
+    with log.open("wb") as handle, Timer() as timer:
+        process = subprocess.Popen(command, cwd=cwd, env=env, stdout=handle, stderr=handle)
+        watchdog = threading.Timer(timeout, process.kill)
+        watchdog.start()
+        try:
+            _, status, usage = os.wait4(process.pid, 0)
+        except BaseException:
+            process.kill()
+            raise
+        finally:
+            watchdog.cancel()
+        # wait4 reaped the child; tell Popen, so it never waits for it again.
+        process.returncode = os.waitstatus_to_exitcode(status)
+    return {
+        "seconds": timer.seconds,
+        "cpu_seconds": usage.ru_utime + usage.ru_stime,
+        "peak_rss_mib": usage.ru_maxrss / 1024,  # Linux reports KiB
+        "returncode": process.returncode,
+    }
+
+
+def fit_line(xs: Sequence[float], ys: Sequence[float]) -> dict[str, float] | None:
+    """Least-squares `y = intercept + slope * x`, its R^2 and its largest relative miss.
+
+    None below 3 points: two points always lie on a line.
+    """
+    if len(xs) < 3:
+        return None
+    x, y = np.asarray(xs, dtype=float), np.asarray(ys, dtype=float)
+    slope, intercept = np.polyfit(x, y, 1)
+    predicted = intercept + slope * x
+    residual = float(np.sum((y - predicted) ** 2))
+    total = float(np.sum((y - y.mean()) ** 2))
+    return {
+        "intercept": float(intercept),
+        "slope": float(slope),
+        "r2": 1.0 - residual / total if total else 1.0,
+        "max_relative_miss": float(np.max(np.abs(y - predicted) / y)),
+    }
+
+
+def measure(args: argparse.Namespace, sizes: list[int], params: dict) -> tuple[dict, dict]:
+    """Every stage at every size, then the import floors: `(per_size, floors)`."""
+    from tests.pipeline_copy import clean_env
+
+    per_size: dict[int, dict] = {}
+    with tempfile.TemporaryDirectory(prefix="bench-memory-", dir=args.workdir) as workdir:
+        for n in sizes:
+            per_size[n] = measure_size(n, Path(workdir), params, args.timeout)
+        floors = {
+            name: run_measured(
+                [sys.executable, "-c", f"import pipeline.{name}"],
+                Path(workdir),
+                clean_env(REPO_ROOT),
+                Path(workdir) / f"floor-{name}.log",
+                args.timeout,
+            )
+            for name in ("split", "train_cnn")
+        }
+    return per_size, floors
+
+
+def reload(report: Report, path: Path) -> tuple[list[int], dict, int, dict, dict]:
+    """The measurements of an earlier run's JSON, to summarize them again without re-running."""
+    old = json.loads(path.read_text())
+    sizes = [int(n) for n in old["settings"]["sizes"]]
+    per_size = {
+        n: {
+            stage: {key: s[key][str(n)] for key in ("seconds", "peak_rss_mib", "cpu_seconds")}
+            for stage, s in old["results"]["stages"].items()
+        }
+        for n in sizes
+    }
+    report.machine = old["machine"]
+    report.notes.append(
+        f"Summarized again from {path.name}: measured from {old['started_at']}, "
+        f"{old['wall_s']:.0f} s, by `{old['command'].strip()}`."
+    )
+    settings = old["settings"]
+    return (
+        sizes,
+        settings["params"],
+        settings["image_size"],
+        per_size,
+        old["results"]["import_floor"],
+    )
+
+
+def memory_params(image_size: int, finetune: bool) -> dict[str, dict]:
+    """Overrides of the tests' tiny params: the configured models, small images, one epoch.
+
+    Fine-tuning runs VGG16 forwards and its top backwards on every image, several times
+    extraction's work; it is off unless asked for, so the default run stays near 20 minutes.
+    """
+    size = [image_size, image_size]
+    return {
+        "augment": {"variants": 1, "image_size": size},
+        "train_cnn": {"image_size": size, "epochs": 1, "patience": 1},
+        "features": {"weights": "none", "image_size": size},
+        "head": {"epochs": 1, "patience": 1},
+        "finetune": {"enabled": finetune, "epochs": 1, "patience": 1},
+    }
+
+
+def measure_size(
+    n: int, workdir: Path, params: dict[str, dict], timeout: float
+) -> dict[str, dict[str, float | int]]:
+    from tests.pipeline_copy import PipelineCopy
+
+    source = write_synthetic_images(workdir / f"images-{n}", n)
+    repo = workdir / f"repo-{n}"
+    repo.mkdir()
+    copy = PipelineCopy.create(repo, source, params)
+    measured = {}
+    for stage, cmd in dvc_stages(repo).items():
+        log = workdir / f"{n}-{stage}.log"
+        command = shlex.split(cmd)
+        if command[0] == "python":  # this interpreter, as DVC finds it first on PATH
+            command[0] = sys.executable
+        result = run_measured(command, repo, copy.env, log, timeout)
+        if result["returncode"] != 0:
+            tail = log.read_text(errors="replace")[-3000:]
+            raise SystemExit(f"memory: stage {stage} failed at N={n}:\n{tail}")
+        measured[stage] = result
+        print(
+            f"memory: N={n} {stage}: {result['seconds']:.1f} s, "
+            f"peak {result['peak_rss_mib']:.0f} MiB",
+            flush=True,
+        )
+    return measured
+
+
+def main(argv: Sequence[str] | None = None) -> Path:
+    parser = base_parser(__doc__.split("\n\n")[0], images=False)
+    parser.add_argument(
+        "--sizes", help="comma-separated image counts (default 1000,4000,16000; quick 16,32)"
+    )
+    parser.add_argument("--image-size", type=int, default=32, help="model input side (32-1024)")
+    parser.add_argument("--timeout", type=float, default=3600, help="seconds per stage")
+    parser.add_argument("--workdir", type=Path, help="where to make the copies (default: temp)")
+    parser.add_argument("--finetune", action="store_true", help="run the finetune stage too")
+    parser.add_argument(
+        "--from-json", type=Path, help="summarize an earlier run's memory.json, measuring nothing"
+    )
+    args = parser.parse_args(argv)
+    params = memory_params(args.image_size, args.finetune)
+    if args.sizes:
+        sizes = sorted(int(n) for n in args.sizes.split(","))
+    else:
+        sizes = list(QUICK_SIZES if args.quick else DEFAULT_SIZES)
+    if sizes[0] < 8:
+        parser.error("--sizes: at least 8 images, so every split gets both classes")
+
+    report = Report("memory", "Peak memory and time per stage as N grows", args.quick)
+    image_size = args.image_size
+    if args.from_json:
+        sizes, params, image_size, per_size, floors = reload(report, args.from_json)
+    else:
+        per_size, floors = measure(args, sizes, params)
+
+    stages: dict[str, dict] = {}
+    for stage in per_size[sizes[0]]:
+        peaks = [per_size[n][stage]["peak_rss_mib"] for n in sizes]
+        seconds = [per_size[n][stage]["seconds"] for n in sizes]
+        fit = fit_line(sizes, seconds)
+        growth = ratio(peaks[-1], peaks[0]) if len(sizes) > 1 else None
+        stages[stage] = {
+            "peak_rss_mib": dict(zip(sizes, peaks, strict=True)),
+            "seconds": dict(zip(sizes, seconds, strict=True)),
+            "cpu_seconds": {n: per_size[n][stage]["cpu_seconds"] for n in sizes},
+            "peak_growth": growth,
+            "peak_flat": None if growth is None else growth <= FLAT_GROWTH,
+            "time_fit": fit,
+            "time_linear": None if fit is None else fit["max_relative_miss"] <= LINEAR_TOLERANCE,
+            "ms_per_image_marginal": None
+            if len(sizes) < 2
+            else 1000 * (seconds[-1] - seconds[0]) / (sizes[-1] - sizes[0]),
+        }
+    watched = WATCHED
+    report.settings = {
+        "sizes": sizes,
+        "image_size": image_size,
+        "params": params,
+        "generated_image_side": 128,
+        "flat_if_growth_at_most": FLAT_GROWTH,
+        "linear_if_line_misses_at_most": LINEAR_TOLERANCE,
+    }
+    report.results = {
+        "stages": stages,
+        "import_floor": floors,
+        "training_and_extraction_peaks_flat": all(stages[s]["peak_flat"] for s in watched)
+        if len(sizes) > 1
+        else None,
+        "training_and_extraction_time_linear": all(stages[s]["time_linear"] for s in watched)
+        if len(sizes) > 2
+        else None,
+    }
+    headers = ["stage"] + [f"peak MiB, N={n:,}" for n in sizes] + ["growth", "flat"]
+    report.table(
+        f"Peak RSS per stage (import floor: {floors['train_cnn']['peak_rss_mib']:.0f} MiB with "
+        f"TensorFlow, {floors['split']['peak_rss_mib']:.0f} MiB without)",
+        headers,
+        [
+            [stage]
+            + [s["peak_rss_mib"][n] for n in sizes]
+            + [None if s["peak_growth"] is None else f"{s['peak_growth']:.2f}x", s["peak_flat"]]
+            for stage, s in stages.items()
+        ],
+    )
+    headers = (
+        ["stage"]
+        + [f"s, N={n:,}" for n in sizes]
+        + ["ms/image (marginal)", "fixed s (fit)", "R^2", "line misses by", "linear"]
+    )
+    report.table(
+        f"Wall time per stage (import floor {floors['train_cnn']['seconds']:.1f} s with "
+        f"TensorFlow, {floors['split']['seconds']:.1f} s without); inputs "
+        f"{image_size}x{image_size}, 1 epoch",
+        headers,
+        [
+            [stage]
+            + [s["seconds"][n] for n in sizes]
+            + [
+                s["ms_per_image_marginal"],
+                None if s["time_fit"] is None else s["time_fit"]["intercept"],
+                None if s["time_fit"] is None else f"{s['time_fit']['r2']:.3f}",
+                None
+                if s["time_fit"] is None
+                else f"{100 * s['time_fit']['max_relative_miss']:.0f}%",
+                s["time_linear"],
+            ]
+            for stage, s in stages.items()
+        ],
+    )
+    report.target(
+        "train_cnn and extract_features peaks flat",
+        report.results["training_and_extraction_peaks_flat"],
+        f"growth <= {FLAT_GROWTH:g}x",
+        report.results["training_and_extraction_peaks_flat"],
+        unit="",
+    )
+    report.target(
+        "train_cnn and extract_features time linear",
+        report.results["training_and_extraction_time_linear"],
+        f"a line within {100 * LINEAR_TOLERANCE:.0f}% of every N",
+        report.results["training_and_extraction_time_linear"],
+        unit="",
+    )
+    return report.write(args.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,222 @@
+"""Scratch CNN training throughput on in-memory batches, and the share of this CPU's peak.
+
+The model is `pipeline.models.build_cnn` with params.yaml's `train_cnn` section; the batches
+are real images decoded once into memory, so only the training step is timed. The float32
+peak is measured in the same run with large matmuls; the share is the model's analytic
+FLOPs (convolutions and dense layers from their shapes; a training step is about 3x the
+forward pass) times images/s, over that peak. Variants of the configured step (larger
+batches, XLA) are measured beside it, as candidates for params.yaml or pipeline/.
+
+    python -m bench.training_step [--images DIR_OR_ZIP] [--out bench/results] [--quick]
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from bench.common import (
+    Report,
+    base_parser,
+    decode_all,
+    matmul_peak_gflops,
+    model_flops,
+    pct,
+    prepare_images,
+    ratio,
+    repo_config,
+    timed,
+)
+from pipeline.config import TrainCnnConfig
+
+TRAINING_FLOPS_FACTOR = 3  # forward, gradient w.r.t. activations, gradient w.r.t. weights
+
+
+def build(cfg: TrainCnnConfig, jit_compile: bool):
+    import keras
+
+    from pipeline.models import build_cnn, make_optimizer
+
+    model = build_cnn(cfg)
+    if jit_compile:  # the same compile as build_cnn's, with XLA on
+        model.compile(
+            optimizer=make_optimizer(cfg),
+            loss="binary_crossentropy",
+            metrics=["accuracy", keras.metrics.AUC(name="auc")],
+            jit_compile=True,
+        )
+    return model
+
+
+def in_memory_batches(x: np.ndarray, y: np.ndarray, batch_size: int):
+    import tensorflow as tf
+
+    dataset = tf.data.Dataset.from_tensor_slices((x, y)).repeat().batch(batch_size)
+    return dataset.prefetch(tf.data.AUTOTUNE)
+
+
+def main(argv: Sequence[str] | None = None) -> Path:
+    parser = base_parser(__doc__.split("\n\n")[0])
+    parser.add_argument("--images-per-run", type=int, help="images per timed run (default 640)")
+    parser.add_argument(
+        "--repeats", type=int, help="interleaved timed runs per variant (default 2)"
+    )
+    parser.add_argument("--matmul-n", type=int, help="matmul size for the peak (default 4096)")
+    parser.add_argument(
+        "--batch-sizes",
+        default="128",
+        help="comma-separated extra batch sizes measured beside the configured one",
+    )
+    parser.add_argument("--no-xla", action="store_true", help="skip the jit_compile=True variant")
+    args = parser.parse_args(argv)
+
+    import keras
+
+    base = repo_config()
+    cfg = base.train_cnn
+    per_run = args.images_per_run or (32 if args.quick else 640)
+    repeats = args.repeats or (1 if args.quick else 2)
+    matmul_n = args.matmul_n or (512 if args.quick else 4096)
+    if args.quick:
+        cfg = cfg.model_copy(update={"image_size": (64, 64), "batch_size": 8})
+    extra = [int(b) for b in args.batch_sizes.split(",") if b.strip()]
+    if args.quick:
+        extra = [16]
+
+    report = Report("training_step", "Scratch CNN: training images/s and share of peak", args.quick)
+    with tempfile.TemporaryDirectory(prefix="bench-train-") as workdir:
+        images = prepare_images(args.images, Path(workdir), limit=max(per_run, 64) // 2 * 2)
+        x, y = decode_all(images, cfg.image_size)
+
+    variants: dict[str, tuple[TrainCnnConfig, bool]] = {
+        f"configured (batch {cfg.batch_size})": (cfg, False)
+    }
+    for size in extra:
+        variants[f"batch {size}"] = (cfg.model_copy(update={"batch_size": size}), False)
+    if not args.no_xla:
+        variants[f"batch {cfg.batch_size}, XLA jit_compile"] = (cfg, True)
+
+    keras.utils.set_random_seed(base.common.seed)
+    models, steps, failures = {}, {}, {}
+    for name, (variant, jit) in variants.items():
+        steps[name] = max(1, per_run // variant.batch_size)
+        model = build(variant, jit)
+        data = in_memory_batches(x, y, variant.batch_size)
+        try:  # warm-up: tracing, XLA compilation, oneDNN primitive creation
+            model.fit(data, steps_per_epoch=min(3, steps[name]), epochs=1, verbose=0)
+        except Exception as error:  # XLA may not compile every op; report, don't abort
+            failures[name] = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
+            continue
+        models[name] = (model, data)
+
+    peak_runs, times = [], {name: [] for name in models}
+    for _ in range(repeats):  # interleaved with the peak, so load hits each alike
+        peak_runs.append(matmul_peak_gflops(matmul_n, repeats=3))
+        for name, (model, data) in models.items():
+            seconds, _ = timed(
+                lambda m=model, d=data, s=steps[name]: m.fit(
+                    d, steps_per_epoch=s, epochs=1, verbose=0
+                )
+            )
+            times[name].append(seconds)
+    peak = max(run["gflops"] for run in peak_runs)
+
+    configured = next(iter(variants))
+    forward_model = models[configured][0]
+    forward_model.predict(x[: cfg.batch_size], batch_size=cfg.batch_size, verbose=0)
+    forward_s, _ = timed(
+        lambda: forward_model.predict(x[:per_run], batch_size=cfg.batch_size, verbose=0)
+    )
+    forward_rate = min(per_run, len(x)) / forward_s
+
+    flops = model_flops(forward_model)
+    train_flops = {k: TRAINING_FLOPS_FACTOR * v for k, v in flops.items()}
+    rows, results = [], {}
+    for name in variants:
+        if name in failures:
+            rows.append([name, None, None, None, None, f"failed: {failures[name]}"])
+            results[name] = {"failed": failures[name]}
+            continue
+        rate = steps[name] * variants[name][0].batch_size / min(times[name])
+        conv_gflops = rate * train_flops["conv"] / 1e9
+        total_gflops = rate * train_flops["total"] / 1e9
+        results[name] = {
+            "images_per_s": rate,
+            "seconds": times[name],
+            "steps": steps[name],
+            "conv_gflops": conv_gflops,
+            "model_gflops": total_gflops,
+            "conv_share_of_peak": conv_gflops / peak,
+            "model_share_of_peak": total_gflops / peak,
+            "ratio_to_configured": None,
+        }
+        rows.append(
+            [name, rate, conv_gflops, pct(conv_gflops / peak), pct(total_gflops / peak), ""]
+        )
+    base_rate = results[configured].get("images_per_s")
+    for result in results.values():
+        if "images_per_s" in result:
+            result["ratio_to_configured"] = ratio(result["images_per_s"], base_rate)
+    for row, name in zip(rows, variants, strict=True):
+        if "images_per_s" in results[name]:
+            row[-1] = f"{results[name]['ratio_to_configured']:.2f}x configured"
+
+    report.settings = {
+        "train_cnn": cfg.model_dump(mode="json"),
+        "images_in_memory": len(x),
+        "images_per_run": per_run,
+        "repeats": repeats,
+        "matmul_n": matmul_n,
+        "training_flops_factor": TRAINING_FLOPS_FACTOR,
+    }
+    report.results = {
+        "peak_gflops": peak,
+        "peak_runs": peak_runs,
+        "forward_flops_per_image": flops,
+        "training_flops_per_image": train_flops,
+        "variants": results,
+        "forward_images_per_s": forward_rate,
+        "forward_conv_share_of_peak": forward_rate * flops["conv"] / 1e9 / peak,
+        "configured_images_per_s": base_rate,
+        "configured_conv_share_of_peak": results[configured].get("conv_share_of_peak"),
+    }
+    report.table(
+        f"Measured float32 peak: {peak:.0f} GFLOP/s ({matmul_n}x{matmul_n} matmul, best of "
+        f"{3 * repeats}); training FLOPs per image {train_flops['total'] / 1e6:.0f} M "
+        f"(convolutions {train_flops['conv'] / 1e6:.0f} M) at "
+        f"{cfg.image_size[0]}x{cfg.image_size[1]}; best of {repeats} runs of {per_run} images",
+        [
+            "training step",
+            "images/s",
+            "conv GFLOP/s",
+            "conv share of peak",
+            "model share of peak",
+            "vs configured",
+        ],
+        rows,
+    )
+    report.table(
+        "Forward pass only (model.predict, configured batch), for scale",
+        ["pass", "images/s", "conv share of peak"],
+        [["predict", forward_rate, pct(report.results["forward_conv_share_of_peak"])]],
+    )
+    share = report.results["configured_conv_share_of_peak"]
+    report.target(
+        "conv share of float32 peak (configured)",
+        None if share is None else 100 * share,
+        "reported (no target set)",
+        None,
+        unit="%",
+    )
+    report.notes.append(
+        "Shares count only conv/dense multiply-adds; batch norm, ReLU, pooling, dropout, the "
+        "optimizer update and the metrics take the rest of each step."
+    )
+    return report.write(args.out)
+
+
+if __name__ == "__main__":
+    main()

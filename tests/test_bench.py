@@ -1,0 +1,136 @@
+"""Smoke runs of every benchmark with --quick on tiny generated images.
+
+They check that each command runs end to end and writes a complete result (keys present,
+measured numbers positive), never the figures themselves: those depend on the machine.
+"""
+
+from __future__ import annotations
+
+import json
+import numbers
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bench import disk, feature_extraction, incremental, input_pipeline, memory, training_step
+from bench.common import dvc_stages, write_synthetic_images
+from bench.memory import fit_line
+from tests.conftest import zip_tree
+
+COMMON_KEYS = {"benchmark", "command", "quick", "machine", "settings", "results", "targets"}
+MACHINE_KEYS = {"cpu_model", "usable_cpus", "cpu_flags", "bf16_native", "amx", "tensorflow"}
+
+
+@pytest.fixture(scope="module")
+def tiny_zip(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("bench-images")
+    write_synthetic_images(root / "src", 24, size=48)
+    return zip_tree(root / "src", root / "train.zip")
+
+
+def load_result(json_path: Path, name: str) -> dict[str, Any]:
+    assert json_path == json_path.parent / f"{name}.json"
+    assert (json_path.parent / f"{name}.md").read_text().startswith("## ")
+    data = json.loads(json_path.read_text())
+    assert set(data) >= COMMON_KEYS
+    assert data["benchmark"] == name and data["quick"] is True
+    assert set(data["machine"]) >= MACHINE_KEYS
+    assert {"avx512_bf16", "amx_bf16"} <= set(data["machine"]["cpu_flags"])
+    return data
+
+
+def assert_positive(*values: Any) -> None:
+    for value in values:
+        assert isinstance(value, numbers.Real) and not isinstance(value, bool), value
+        assert value > 0, value
+
+
+def test_input_pipeline_reports_both_approaches(tiny_zip: Path, tmp_path: Path) -> None:
+    args = ["--quick", "--images", str(tiny_zip), "--out", str(tmp_path)]
+    data = load_result(input_pipeline.main(args), "input_pipeline")
+    rates = data["results"]["images_per_s"]
+    expected = {
+        "ours_cached",
+        "ours_augmented",
+        "tutorial_augmented",
+        "ours_plain",
+        "tutorial_plain",
+    }
+    assert expected <= set(rates)
+    assert_positive(*rates.values(), data["results"]["ratio_as_trained"])
+    assert "ours as train_cnn reads / tutorial's augmenting generator" in data["targets"]
+
+
+def test_training_step_reports_throughput_and_share_of_peak(tiny_zip: Path, tmp_path: Path) -> None:
+    args = ["--quick", "--no-xla", "--images", str(tiny_zip), "--out", str(tmp_path)]
+    results = load_result(training_step.main(args), "training_step")["results"]
+    assert_positive(
+        results["peak_gflops"],
+        results["configured_images_per_s"],
+        results["configured_conv_share_of_peak"],
+        results["forward_images_per_s"],
+        results["training_flops_per_image"]["conv"],
+    )
+    for variant in results["variants"].values():
+        assert_positive(variant["images_per_s"], variant["ratio_to_configured"])
+
+
+def test_feature_extraction_reports_real_and_plain_paths(tiny_zip: Path, tmp_path: Path) -> None:
+    # Forcing bfloat16 runs that code path too, emulated where the CPU lacks it.
+    args = ["--quick", "--bf16", "force", "--images", str(tiny_zip), "--out", str(tmp_path)]
+    results = load_result(feature_extraction.main(args), "feature_extraction")["results"]
+    assert_positive(
+        results["float32_real_images_per_s"],
+        results["float32_plain_images_per_s"],
+        results["float32_plain_over_real"],
+        results["peak"]["gflops"],
+    )
+    for policy in ("float32", "mixed_bfloat16"):
+        assert_positive(*results["policies"][policy]["images_per_s"].values())
+
+
+def test_fit_line_finds_slope_intercept_and_fit() -> None:
+    fit = fit_line([1000, 4000, 16000], [12.0, 18.0, 42.0])
+    assert fit is not None
+    assert fit["slope"] == pytest.approx(0.002) and fit["intercept"] == pytest.approx(10.0)
+    assert fit["r2"] == pytest.approx(1.0) and fit["max_relative_miss"] == pytest.approx(0.0)
+    assert fit_line([1, 2], [1.0, 2.0]) is None  # two points always fit a line
+
+
+@pytest.mark.slow
+def test_incremental_and_disk_run_dvc_on_a_copy(tiny_zip: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    args = ["--quick", "--images", str(tiny_zip), "--out", str(out), "--workdir", str(tmp_path)]
+    data = load_result(incremental.main([*args, "--keep"]), "incremental")
+    steps = data["results"]["steps"]
+    assert next(iter(steps)) == "from scratch" and len(steps) == 4
+    assert steps["from scratch"]["stages_run"][0] == "download"
+    assert steps["nothing changed"]["stages_run"] == []
+    assert_positive(
+        *(step["seconds"] for step in steps.values()), *data["results"]["overheads"].values()
+    )
+    assert isinstance(data["results"]["augment_reran_after_train_cnn_edit"], bool)
+
+    # The kept copy has run the whole pipeline: disk measures it without a second repro.
+    repo = data["results"]["kept_copy"]
+    args = ["--quick", "--images", str(tiny_zip), "--out", str(out), "--repo", repo]
+    results = load_result(disk.main([*args, "--repeats", "1"]), "disk")["results"]
+    (state,) = results["states"].values()
+    assert_positive(
+        results["archive_bytes"],
+        results["dvc_status_s"],
+        results["total_on_disk_to_archive"],
+        state["usage"]["data/split"]["apparent"],
+        state["usage"][".dvc/cache"]["files"],
+    )
+
+
+@pytest.mark.slow
+def test_memory_reports_each_stage(tmp_path: Path) -> None:
+    args = ["--quick", "--sizes", "12", "--out", str(tmp_path), "--workdir", str(tmp_path)]
+    results = load_result(memory.main(args), "memory")["results"]
+    assert list(results["stages"]) == list(dvc_stages())
+    for stage in results["stages"].values():
+        assert_positive(*stage["peak_rss_mib"].values(), *stage["seconds"].values())
+    assert_positive(results["import_floor"]["train_cnn"]["peak_rss_mib"])
