@@ -1,0 +1,54 @@
+"""Features stream to disk chunk by chunk, in the layout `np.savez` writes and `np.load` reads."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline import extract_features
+from pipeline.extract_features import extract, extract_chunks, load_features, save_features
+from pipeline.images import LabeledImage
+from tests.conftest import tiny_config, write_kaggle_tree
+
+
+def labeled(paths: list[Path]) -> list[LabeledImage]:
+    return [LabeledImage(path, int(path.name.startswith("dog"))) for path in paths]
+
+
+def test_saved_chunks_load_back_as_one_array_with_labels_and_files(tmp_path: Path) -> None:
+    images = labeled([tmp_path / f"{name}.{n}.jpg" for name in ("cat", "dog") for n in range(5)])
+    features = np.random.default_rng(0).normal(size=(10, 6)).astype(np.float32)
+    chunks = (features[i : i + 4] for i in range(0, 10, 4))  # 4 + 4 + 2 rows
+    save_features(tmp_path / "train.npz", chunks, 6, images)
+
+    loaded, labels, files = load_features(tmp_path / "train.npz")
+    np.testing.assert_array_equal(loaded, features)
+    assert labels.tolist() == [0] * 5 + [1] * 5 and labels.dtype == np.int8
+    assert files.tolist() == [image.path.as_posix() for image in images]
+    reference = tmp_path / "reference.npz"
+    np.savez(reference, features=features, labels=labels, files=files)
+    with np.load(reference) as expected, np.load(tmp_path / "train.npz") as ours:
+        assert set(ours.files) == set(expected.files)
+
+
+def test_save_refuses_fewer_rows_than_images(tmp_path: Path) -> None:
+    images = labeled([tmp_path / "cat.0.jpg", tmp_path / "dog.0.jpg"])
+    with pytest.raises(ValueError, match="1 feature rows for 2 images"):
+        save_features(tmp_path / "x.npz", [np.zeros((1, 3), np.float32)], 3, images)
+
+
+def test_chunked_extraction_matches_one_predict(tmp_path, monkeypatch) -> None:
+    from pipeline.models import build_backbone
+
+    images = labeled(write_kaggle_tree(tmp_path, per_class=4))
+    cfg = tiny_config().features
+    backbone = build_backbone(cfg)
+    monkeypatch.setattr(extract_features, "EXTRACT_CHUNK", 3)  # 3 + 3 + 2
+    chunks = list(extract_chunks(backbone, images, cfg))
+    assert [len(chunk) for chunk in chunks] == [3, 3, 2]
+    monkeypatch.setattr(extract_features, "EXTRACT_CHUNK", 100)
+    whole = extract(backbone, images, cfg)
+    assert whole.shape == (8, extract_features.feature_dim(backbone))
+    np.testing.assert_allclose(np.concatenate(chunks), whole, rtol=1e-4, atol=1e-4)
