@@ -5,9 +5,10 @@ small models but the configured image sizes for `augment` and `features` (they d
 bytes written: stored variants and flattened VGG16 features) and `finetune.enabled` as
 configured (another VGG16-sized model when on). Then: bytes under `data/`,
 `models/` and `.dvc/cache` (apparent, and on disk counting a hard-linked file once), each
-as a ratio to the `--images` archive, and `dvc status` wall time. Last, the same after
-`dvc config cache.type hardlink` and `dvc checkout --relink`, the candidate that stops
-the workspace and the cache holding two copies of every output.
+as a ratio to the `--images` archive, and `dvc status` wall time, with the repository's
+`cache.type` (`reflink,hardlink,copy`: the workspace and the cache share each file). Last,
+for comparison, the same after `dvc config cache.type copy` and `dvc checkout --relink`:
+DVC's default where the filesystem has no reflinks, two copies of every output.
 `--repo DIR` measures an existing repository where the pipeline ran instead (read only:
 no relink).
 
@@ -27,6 +28,7 @@ DATA_PARTS = ("data/raw", "data/split", "data/augmented", "data/features", "mode
 # Not DVC's, but written by every run: the MLflow store, its artifacts (models again).
 TRACKING_PARTS = ("mlartifacts", "mlflow.db")
 CACHE = ".dvc/cache"
+DISK_TARGET = 2.0
 
 
 def usage(path: Path, seen: set[tuple[int, int]]) -> dict[str, int]:
@@ -112,9 +114,9 @@ def main(argv: Sequence[str] | None = None) -> Path:
             "status": status_seconds(copy.dvc, args.repeats),
         }
         if not args.repo:
-            copy.dvc("config", "cache.type", "hardlink")
+            copy.dvc("config", "cache.type", "copy")
             relink_s, _ = timed(lambda: copy.dvc("checkout", "--relink"))
-            states["candidate: cache.type hardlink + checkout --relink"] = {
+            states["for comparison: cache.type copy + checkout --relink"] = {
                 "usage": measure(root),
                 "status": status_seconds(copy.dvc, args.repeats),
                 "relink_s": relink_s,
@@ -154,8 +156,16 @@ def main(argv: Sequence[str] | None = None) -> Path:
         "total_on_disk_to_archive": first["usage"]["total"]["ratio_on_disk_to_archive"],
         "dvc_status_s": first["status"]["median_s"],
     }
+
+    def on_disk(*parts: str) -> int:
+        return sum(first["usage"].get(part, {}).get("on_disk", 0) for part in parts)
+
+    data_and_cache = on_disk(*DATA_PARTS[:4], CACHE)
+    images_only = on_disk(*DATA_PARTS[:3])
+    report.results["data_and_cache_to_archive"] = ratio(data_and_cache, archive_bytes)
+    report.results["images_to_archive"] = ratio(images_only, archive_bytes)
     if rest:
-        report.results["candidate_total_on_disk_to_archive"] = rest[0]["usage"]["total"][
+        report.results["comparison_total_on_disk_to_archive"] = rest[0]["usage"]["total"][
             "ratio_on_disk_to_archive"
         ]
     report.table(
@@ -174,9 +184,16 @@ def main(argv: Sequence[str] | None = None) -> Path:
             for name, s in states.items()
         ],
     )
+    measured = report.results["data_and_cache_to_archive"]
     report.target(
-        "data/ + models/ + reports/ + DVC cache, on disk / archive",
-        report.results["total_on_disk_to_archive"],
+        "data/ + DVC cache, on disk / archive",
+        measured,
+        f"<= {DISK_TARGET:g}x",
+        None if measured is None else measured <= DISK_TARGET,
+    )
+    report.target(
+        "data/raw + split + augmented (the images), on disk / archive",
+        report.results["images_to_archive"],
         "reported",
         None,
     )
