@@ -3,14 +3,14 @@
 A throwaway `tests.pipeline_copy.PipelineCopy` runs `dvc repro` from scratch with the tests'
 small models but the configured image sizes for `augment` and `features` (they decide the
 bytes written: stored variants and flattened VGG16 features) and `finetune.enabled` as
-configured (another VGG16-sized model when on). Then: bytes under `data/`,
-`models/` and `.dvc/cache` (apparent, and on disk counting a hard-linked file once), each
-as a ratio to the `--images` archive, and `dvc status` wall time, with the repository's
-`cache.type` (`reflink,hardlink,copy`: the workspace and the cache share each file). Last,
-for comparison, the same after `dvc config cache.type copy` and `dvc checkout --relink`:
-DVC's default where the filesystem has no reflinks, two copies of every output.
-`--repo DIR` measures an existing repository where the pipeline ran instead (read only:
-no relink).
+configured (another VGG16-sized model when on). Then: bytes under `data/`, `models/` and
+`.dvc/cache` (apparent, and on disk counting a hard-linked file once), each as a ratio to
+the `--images` archive, and `dvc status` wall time, with the repository's `cache.type`
+(`hardlink,copy`: the workspace and the cache share each file; with `reflink` first, DVC
+3.67 commits directory outputs as copies). Last, for comparison, the same after
+`dvc config cache.type copy` and `dvc checkout --relink`: DVC's default where the
+filesystem has no reflinks, two copies of every output. `--repo DIR` measures an existing
+repository where the pipeline ran instead (read only: no relink).
 
     python -m bench.disk [--images DIR_OR_ZIP] [--out bench/results] [--quick] [--repo DIR]
 """
