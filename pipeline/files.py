@@ -38,6 +38,19 @@ def project_root(cwd: Path | None = None) -> Path:
     return here
 
 
+def _umask() -> int:
+    # Reading the umask means setting it; set it straight back.
+    current = os.umask(0o022)
+    os.umask(current)
+    return current
+
+
+def _give_default_permissions(path: Path, base_mode: int) -> None:
+    # mkstemp/mkdtemp create owner-only entries; an output should get the permissions any
+    # other file the user creates gets, so teammates and containers can read it.
+    path.chmod(base_mode & ~_umask())
+
+
 @contextlib.contextmanager
 def atomic_dir(target: Path) -> Iterator[Path]:
     """Yields an empty staging folder that replaces `target` only if the block succeeds."""
@@ -48,6 +61,7 @@ def atomic_dir(target: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    _give_default_permissions(staging, 0o777)
     previous = target.with_name(f".{target.name}.old")
     shutil.rmtree(previous, ignore_errors=True)
     if target.exists() or target.is_symlink():
@@ -71,6 +85,7 @@ def atomic_file(target: Path) -> Iterator[Path]:
     except BaseException:
         staging.unlink(missing_ok=True)
         raise
+    _give_default_permissions(staging, 0o666)
     os.replace(staging, target)
 
 

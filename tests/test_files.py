@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -33,6 +35,18 @@ def test_atomic_file_keeps_suffix_and_previous_content_on_failure(tmp_path: Path
     assert target.read_text() == "previous"
     write_json(tmp_path / "m.json", {"b": 1, "a": 2})
     assert (tmp_path / "m.json").read_text() == '{\n  "a": 2,\n  "b": 1\n}\n'
+
+
+def test_outputs_get_the_permissions_of_any_new_file_not_owner_only(tmp_path: Path) -> None:
+    previous_umask = os.umask(0o022)
+    try:
+        write_json(tmp_path / "m.json", {})
+        with atomic_dir(tmp_path / "out") as staging:
+            (staging / "a.txt").write_text("a")
+    finally:
+        os.umask(previous_umask)
+    assert stat.S_IMODE((tmp_path / "m.json").stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "out").stat().st_mode) == 0o755
 
 
 def test_project_root_sees_through_dvc_temporary_experiment_copies(tmp_path: Path) -> None:
