@@ -3,13 +3,15 @@
 Every image is decoded before it reaches a split: unreadable ones are skipped and listed
 with their reason in `reports/split/skipped.csv` (the raw files stay where they are), and
 images TensorFlow's JPEG decoder would misread (PNG under a `.jpg` name, CMYK, ...) are
-re-encoded as RGB JPEG in the split copy. The split is stratified, disjoint and the same
-for the same seed.
+re-encoded as RGB JPEG in the split; the others are hard-linked to the raw file, not
+copied. The split is stratified, disjoint and the same for the same seed.
 """
 
 from __future__ import annotations
 
 import csv
+import os
+import shutil
 import sys
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
@@ -102,10 +104,24 @@ def write_split(splits: dict[str, list[LabeledImage]], reencode: set[Path], targ
         for image in tqdm(images, desc=f"write {split}", unit="image", mininterval=2):
             folder = target / split / CLASS_NAMES[image.label]
             folder.mkdir(parents=True, exist_ok=True)
-            data = image.path.read_bytes()
+            destination = folder / target_name(image, taken[image.label])
             if image.path in reencode:
-                data = reencode_as_jpeg(data)
-            (folder / target_name(image, taken[image.label])).write_bytes(data)
+                destination.write_bytes(reencode_as_jpeg(image.path.read_bytes()))
+            else:
+                link_or_copy(image.path, destination)
+
+
+def link_or_copy(source: Path, destination: Path) -> None:
+    """A hard link where the file system allows one, else a copy.
+
+    The split holds the same bytes as the raw data: a link stores them once instead of
+    twice (25,000 images: about 550 MB saved), and DVC's hardlink cache keeps it that
+    way. Nothing writes to either name afterwards; DVC makes both read-only.
+    """
+    try:
+        os.link(source, destination)
+    except OSError:  # another file system, or one without hard links
+        shutil.copyfile(source, destination)
 
 
 def summarize(splits: dict[str, list[LabeledImage]], skipped: int, reencoded: int) -> dict:

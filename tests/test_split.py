@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import csv
+import os
 from collections import Counter
 from pathlib import Path
 
@@ -8,7 +9,7 @@ import pytest
 
 from pipeline.config import SplitConfig
 from pipeline.images import LabeledImage, list_split
-from pipeline.split import check_images, split_files, summarize, write_split
+from pipeline.split import check_images, link_or_copy, split_files, summarize, write_split
 from tests.conftest import write_kaggle_tree
 
 
@@ -83,8 +84,25 @@ def test_bad_images_are_skipped_and_odd_formats_reencoded(tmp_path: Path) -> Non
     assert len(written) == 19 and "dog.0.jpg" in written
     dog0 = next((tmp_path / "split").rglob("dog.0.jpg")).read_bytes()
     assert dog0[:3] == b"\xff\xd8\xff"  # now a JPEG
+    # The others share the raw file's bytes on disk instead of a copy; raw is unchanged.
+    cat1 = next((tmp_path / "split").rglob("cat.1.jpg"))
+    raw_cat1 = tmp_path / "raw/train/cat.1.jpg"
+    assert cat1.samefile(raw_cat1) and raw_cat1.read_bytes()[:3] == b"\xff\xd8\xff"
     summary = summarize(splits, skipped=1, reencoded=1)
     assert summary["total"] == 19 and summary["skipped"] == 1
+
+
+def test_split_copies_where_hard_links_are_refused(tmp_path: Path, monkeypatch) -> None:
+    source = tmp_path / "a.jpg"
+    source.write_bytes(b"jpeg bytes")
+
+    def refuse(*_args):
+        raise OSError(18, "Invalid cross-device link")
+
+    monkeypatch.setattr(os, "link", refuse)
+    link_or_copy(source, tmp_path / "b.jpg")
+    assert (tmp_path / "b.jpg").read_bytes() == b"jpeg bytes"
+    assert not (tmp_path / "b.jpg").samefile(source)
 
 
 def bad_image_corpus(folder: Path) -> dict[str, str | None]:
