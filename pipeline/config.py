@@ -160,6 +160,7 @@ class FeaturesConfig(Section):
     pooling: Literal["flatten", "avg"]
     batch_size: PositiveInt
     include_augmented: bool
+    dtype: Literal["float16", "float32"]
 
     @field_validator("weights")
     @classmethod

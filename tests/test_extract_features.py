@@ -39,6 +39,27 @@ def test_save_refuses_fewer_rows_than_images(tmp_path: Path) -> None:
         save_features(tmp_path / "x.npz", [np.zeros((1, 3), np.float32)], 3, images)
 
 
+def test_float16_storage_halves_the_file_and_loads_as_float32(tmp_path: Path) -> None:
+    images = labeled([tmp_path / f"cat.{n}.jpg" for n in range(50)])
+    features = np.random.default_rng(0).gamma(1.0, 20.0, size=(50, 512)).astype(np.float32)
+    save_features(tmp_path / "32.npz", [features], 512, images, "float32")
+    save_features(tmp_path / "16.npz", [features], 512, images, "float16")
+
+    loaded, _, _ = load_features(tmp_path / "16.npz")
+    assert loaded.dtype == np.float32
+    np.testing.assert_allclose(loaded, features, rtol=1e-3)
+    assert (tmp_path / "16.npz").stat().st_size < 0.6 * (tmp_path / "32.npz").stat().st_size
+
+
+@pytest.mark.parametrize("bad", [70000.0, np.nan])
+def test_float16_storage_refuses_values_it_cannot_hold(tmp_path: Path, bad: float) -> None:
+    images = labeled([tmp_path / "cat.0.jpg"])
+    with pytest.raises(ValueError, match=r"set features\.dtype: float32"):
+        save_features(
+            tmp_path / "x.npz", [np.array([[1.0, bad]], np.float32)], 2, images, "float16"
+        )
+
+
 def test_chunked_extraction_matches_one_predict(tmp_path, monkeypatch) -> None:
     from pipeline.models import build_backbone
 
