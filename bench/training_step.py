@@ -114,7 +114,9 @@ def main(argv: Sequence[str] | None = None) -> Path:
 
     peak_runs, times = [], {name: [] for name in models}
     for _ in range(repeats):  # interleaved with the peak, so load hits each alike
-        peak_runs.append(matmul_peak_gflops(matmul_n, repeats=3))
+        peak_runs.append(
+            matmul_peak_gflops(matmul_n, repeats=3, warmup_s=0.1 if args.quick else 2.0)
+        )
         for name, (model, data) in models.items():
             seconds, _ = timed(
                 lambda m=model, d=data, s=steps[name]: m.fit(

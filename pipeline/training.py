@@ -101,7 +101,7 @@ def log_keras_model(
     """Logs a Keras model with the signature inferred from a small input example.
 
     The requirements are given rather than inferred: inferring them reloads the model in a
-    subprocess to watch its imports, 12.5 s per model against 0.1 s (`bench.incremental`).
+    subprocess to watch its imports, 11.5 s per model against 0.1 s (`bench.incremental`).
     """
     signature = infer_signature(example, model.predict(example, verbose=0))
     return mlflow.keras.log_model(
