@@ -10,8 +10,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -38,30 +38,24 @@ def project_root(cwd: Path | None = None) -> Path:
     return here
 
 
-def _umask() -> int:
-    # Reading the umask means setting it; set it straight back.
-    current = os.umask(0o022)
-    os.umask(current)
-    return current
-
-
-def _give_default_permissions(path: Path, base_mode: int) -> None:
-    # mkstemp/mkdtemp create owner-only entries; an output should get the permissions any
-    # other file the user creates gets, so teammates and containers can read it.
-    path.chmod(base_mode & ~_umask())
+def _staging_path(target: Path, suffix: str) -> Path:
+    # Not tempfile.mkstemp/mkdtemp: they create owner-only entries (0600/0700), and outputs
+    # should get the user's umask like any other new file, so teammates and containers can
+    # read them. A random name in the target's folder keeps the final rename atomic.
+    return target.with_name(f".{target.stem}.{secrets.token_hex(6)}{suffix}")
 
 
 @contextlib.contextmanager
 def atomic_dir(target: Path) -> Iterator[Path]:
     """Yields an empty staging folder that replaces `target` only if the block succeeds."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    staging = _staging_path(target, ".tmp")
+    staging.mkdir()
     try:
         yield staging
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    _give_default_permissions(staging, 0o777)
     previous = target.with_name(f".{target.name}.old")
     shutil.rmtree(previous, ignore_errors=True)
     if target.exists() or target.is_symlink():
@@ -75,17 +69,13 @@ def atomic_file(target: Path) -> Iterator[Path]:
     """Yields a temporary path in `target`'s folder; it becomes `target` if the block succeeds."""
     target.parent.mkdir(parents=True, exist_ok=True)
     # The staging name keeps the suffix: Keras and NumPy pick the format from it.
-    handle, name = tempfile.mkstemp(
-        prefix=f".{target.stem}.", suffix=f".tmp{target.suffix}", dir=target.parent
-    )
-    os.close(handle)
-    staging = Path(name)
+    staging = _staging_path(target, f".tmp{target.suffix}")
+    staging.touch(exist_ok=False)
     try:
         yield staging
     except BaseException:
         staging.unlink(missing_ok=True)
         raise
-    _give_default_permissions(staging, 0o666)
     os.replace(staging, target)
 
 
