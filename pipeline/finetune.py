@@ -13,62 +13,41 @@ from __future__ import annotations
 import shutil
 import sys
 
-import keras
-import mlflow
-
-from pipeline import devices, plots, tracking
-from pipeline.config import FinetuneConfig, load_config_or_exit
-from pipeline.datasets import training_datasets
+from pipeline import plots
+from pipeline.config import Config, PathsConfig, load_config_or_exit
 from pipeline.files import atomic_file, write_json
-from pipeline.images import list_split
-from pipeline.models import compile_binary, compose_transfer
-from pipeline.training import (
-    fit,
-    log_and_record_model,
-    save_training_outputs,
-    write_history,
-)
+from pipeline.history import write_history
 
 
-def unfreeze_top(backbone: keras.Model, layers: int) -> list[str]:
-    """Makes the last `layers` weighted layers of the backbone's base trainable.
+def write_disabled_outputs(paths: PathsConfig) -> None:
+    """What DVC expects of the stage when it is off: the transfer model, and empty reports.
 
-    BatchNormalization layers stay frozen, as Keras advises for fine-tuning: the backbone's
-    graph calls its base with `training=False`, so they also keep their ImageNet statistics.
+    A byte copy, not a Keras load and save: same hash, so DVC's cache stores it once.
     """
-    base = next(layer for layer in backbone.layers if isinstance(layer, keras.Model))
-    base.trainable = True
-    weighted = [layer for layer in base.layers if layer.weights]
-    unfrozen = set(weighted[-layers:]) if layers else set()
-    for layer in base.layers:
-        frozen = layer not in unfrozen or isinstance(layer, keras.layers.BatchNormalization)
-        layer.trainable = not frozen
-    return [layer.name for layer in weighted[-layers:] if layer.trainable]
+    with atomic_file(paths.models.finetuned) as staging:
+        shutil.copyfile(paths.models.transfer, staging)
+    reports = paths.reports.finetune
+    write_history(reports / "history.csv", {})
+    with atomic_file(reports / "history.png") as staging:
+        plots.training_history({}, "fine-tuning disabled").savefig(staging)
+    write_json(reports / "metrics.json", {"enabled": False})
 
 
-def build_finetune_model(backbone: keras.Model, head: keras.Model, cfg: FinetuneConfig):
-    """Backbone and trained head as one model, the top of the backbone unfrozen, compiled."""
-    unfrozen = unfreeze_top(backbone, cfg.unfreeze_layers)
-    model = compose_transfer(backbone, head)
-    return compile_binary(model, cfg), unfrozen
+def finetune(cfg: Config) -> None:
+    # Imported here, not at the top: the stage is off by default, and then it has no use for
+    # TensorFlow, whose import alone is most of a disabled stage's time (bench.incremental).
+    import keras
+    import mlflow
 
+    from pipeline import devices, tracking
+    from pipeline.datasets import training_datasets
+    from pipeline.images import list_split
+    from pipeline.models import build_finetune_model
+    from pipeline.training import fit, log_and_record_model, save_training_outputs
 
-def main() -> None:
-    cfg = load_config_or_exit()
     plan, strategy = devices.configure_or_exit(cfg.compute)
     params, paths, seed = cfg.finetune, cfg.paths, cfg.common.seed
     reports = paths.reports.finetune
-    if not params.enabled:
-        # DVC still needs the stage's outputs: the head stage's model, and empty reports.
-        # A byte copy, not a Keras load and save: same hash, so DVC's cache stores it once.
-        with atomic_file(paths.models.finetuned) as staging:
-            shutil.copyfile(paths.models.transfer, staging)
-        write_history(reports / "history.csv", {})
-        with atomic_file(reports / "history.png") as staging:
-            plots.training_history({}, "fine-tuning disabled").savefig(staging)
-        write_json(reports / "metrics.json", {"enabled": False})
-        print("finetune: disabled (finetune.enabled: false); the transfer model stands in")
-        return
     train = list_split(paths.split / "train")
     if params.use_augmented:
         train += list_split(paths.augmented / "train")
@@ -108,6 +87,15 @@ def main() -> None:
         f"finetune: {summary['epochs_run']} epochs with {', '.join(unfrozen)} unfrozen, best "
         f"validation accuracy {summary['best_val_accuracy']:.3f}; saved {paths.models.finetuned}"
     )
+
+
+def main() -> None:
+    cfg = load_config_or_exit()
+    if not cfg.finetune.enabled:
+        write_disabled_outputs(cfg.paths)
+        print("finetune: disabled (finetune.enabled: false); the transfer model stands in")
+        return
+    finetune(cfg)
 
 
 if __name__ == "__main__":

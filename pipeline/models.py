@@ -13,7 +13,13 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from pipeline.config import FeaturesConfig, HeadConfig, OptimizerMixin, TrainCnnConfig
+from pipeline.config import (
+    FeaturesConfig,
+    FinetuneConfig,
+    HeadConfig,
+    OptimizerMixin,
+    TrainCnnConfig,
+)
 
 
 class WeightsUnavailableError(RuntimeError):
@@ -176,3 +182,28 @@ def compose_transfer(backbone: keras.Model, head: keras.Model) -> keras.Model:
     inputs = keras.Input(shape=backbone.input_shape[1:], name="image")
     outputs = head(backbone(inputs))
     return keras.Model(inputs, outputs, name="transfer")
+
+
+def unfreeze_top(backbone: keras.Model, layers: int) -> list[str]:
+    """Makes the last `layers` weighted layers of the backbone's base trainable.
+
+    BatchNormalization layers stay frozen, as Keras advises for fine-tuning: the backbone's
+    graph calls its base with `training=False`, so they also keep their ImageNet statistics.
+    """
+    base = next(layer for layer in backbone.layers if isinstance(layer, keras.Model))
+    base.trainable = True
+    weighted = [layer for layer in base.layers if layer.weights]
+    unfrozen = set(weighted[-layers:]) if layers else set()
+    for layer in base.layers:
+        frozen = layer not in unfrozen or isinstance(layer, keras.layers.BatchNormalization)
+        layer.trainable = not frozen
+    return [layer.name for layer in weighted[-layers:] if layer.trainable]
+
+
+def build_finetune_model(
+    backbone: keras.Model, head: keras.Model, cfg: FinetuneConfig
+) -> tuple[keras.Model, list[str]]:
+    """Backbone and trained head as one model, the top of the backbone unfrozen, compiled."""
+    unfrozen = unfreeze_top(backbone, cfg.unfreeze_layers)
+    model = compose_transfer(backbone, head)
+    return compile_binary(model, cfg), unfrozen

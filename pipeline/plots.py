@@ -39,7 +39,8 @@ def training_history(history: Mapping[str, Sequence[float]], title: str) -> Figu
         axis.set_xlabel("epoch")
         axis.set_ylabel(metric)
         axis.grid(alpha=0.3)
-        axis.legend()
+        if axis.lines:  # an empty history (a disabled stage) has nothing to label
+            axis.legend()
     figure.suptitle(title)
     figure.tight_layout()
     return figure

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 from importlib.metadata import version
 from pathlib import Path
 
@@ -15,6 +14,7 @@ from mlflow.models import infer_signature
 from pipeline import plots
 from pipeline.config import OptimizerMixin
 from pipeline.files import atomic_file, write_json
+from pipeline.history import summarize_history, write_history
 
 
 def fit(
@@ -32,27 +32,6 @@ def fit(
         train, validation_data=validation, epochs=cfg.epochs, callbacks=callbacks, verbose=2
     )
     return {name: [float(v) for v in values] for name, values in history.history.items()}
-
-
-def summarize_history(history: dict[str, list[float]]) -> dict[str, float | int]:
-    """The best epoch (lowest validation loss, the one early stopping restores) and its scores."""
-    best = int(np.argmin(history["val_loss"]))
-    summary: dict[str, float | int] = {
-        "epochs_run": len(history["val_loss"]),
-        "best_epoch": best + 1,
-    }
-    summary.update({f"best_{name}": values[best] for name, values in history.items()})
-    return summary
-
-
-def write_history(path: Path, history: dict[str, list[float]]) -> None:
-    """Per-epoch history as CSV, the format `dvc plots` reads."""
-    names = sorted(history)
-    with atomic_file(path) as staging, staging.open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["epoch", *names])
-        for epoch, row in enumerate(zip(*(history[n] for n in names), strict=True), start=1):
-            writer.writerow([epoch, *(f"{v:.6f}" for v in row)])
 
 
 def save_model(model: keras.Model, path: Path) -> None:

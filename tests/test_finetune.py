@@ -1,11 +1,15 @@
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+from pathlib import Path
+
 import keras
 import numpy as np
 
-from pipeline.finetune import build_finetune_model, unfreeze_top
-from pipeline.models import build_backbone, build_head
-from tests.conftest import tiny_config
+from pipeline.models import build_backbone, build_finetune_model, build_head, unfreeze_top
+from tests.conftest import REPO_ROOT, set_params, tiny_config
 
 FEATURES = tiny_config().features
 HEAD = tiny_config().head.model_copy(update={"units": 4})
@@ -42,3 +46,33 @@ def test_finetuning_changes_the_top_block_and_the_head_only() -> None:
     assert any(path.startswith("block5_conv") for path in changed)
     assert not any(path.startswith(("block1", "block4")) for path in changed)
     assert isinstance(model.optimizer, keras.optimizers.SGD)
+
+
+def test_a_disabled_stage_hands_on_the_transfer_model_without_importing_tensorflow(
+    stage_workspace: Path,
+) -> None:
+    set_params(stage_workspace, "finetune", enabled=False)
+    transfer = stage_workspace / "models" / "transfer.keras"
+    transfer.parent.mkdir()
+    transfer.write_bytes(b"stands for a saved Keras model")
+    # A fresh interpreter, so sys.modules tells what the stage itself imported.
+    code = (
+        "import runpy, sys; runpy.run_module('pipeline.finetune', run_name='__main__'); "
+        "sys.exit('tensorflow' in sys.modules)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=stage_workspace,
+        env={"PYTHONPATH": str(REPO_ROOT), "PATH": ""},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "finetune: disabled" in result.stdout
+    finetuned = stage_workspace / "models" / "finetuned.keras"
+    assert finetuned.read_bytes() == transfer.read_bytes()
+    reports = stage_workspace / "reports" / "finetune"
+    assert json.loads((reports / "metrics.json").read_text()) == {"enabled": False}
+    assert (reports / "history.csv").read_text().splitlines() == ["epoch"]
+    assert (reports / "history.png").stat().st_size > 0

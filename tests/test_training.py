@@ -7,21 +7,8 @@ import numpy as np
 
 from pipeline.models import build_head
 from pipeline.train_head import feature_dataset
-from pipeline.training import fit, save_training_outputs, summarize_history
+from pipeline.training import fit, save_training_outputs
 from tests.conftest import tiny_config
-
-HISTORY = {
-    "loss": [0.9, 0.6, 0.5],
-    "val_loss": [0.8, 0.4, 0.7],
-    "accuracy": [0.5, 0.7, 0.8],
-    "val_accuracy": [0.55, 0.85, 0.6],
-}
-
-
-def test_summary_reports_the_epoch_early_stopping_restores() -> None:
-    summary = summarize_history(HISTORY)
-    assert summary["best_epoch"] == 2 and summary["epochs_run"] == 3
-    assert summary["best_val_accuracy"] == 0.85
 
 
 def test_head_learns_separable_features_and_outputs_are_saved(tmp_path: Path) -> None:

@@ -1,0 +1,32 @@
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+from pipeline.history import summarize_history, write_history
+
+HISTORY = {
+    "loss": [0.9, 0.6, 0.5],
+    "val_loss": [0.8, 0.4, 0.7],
+    "accuracy": [0.5, 0.7, 0.8],
+    "val_accuracy": [0.55, 0.85, 0.6],
+}
+
+
+def test_summary_reports_the_epoch_early_stopping_restores() -> None:
+    summary = summarize_history(HISTORY)
+    assert summary["best_epoch"] == 2 and summary["epochs_run"] == 3
+    assert summary["best_val_accuracy"] == 0.85
+
+
+def test_history_csv_has_one_row_per_epoch_in_column_order(tmp_path: Path) -> None:
+    write_history(tmp_path / "history.csv", HISTORY)
+    rows = list(csv.reader((tmp_path / "history.csv").open()))
+    assert rows[0] == ["epoch", "accuracy", "loss", "val_accuracy", "val_loss"]
+    assert rows[2] == ["2", "0.700000", "0.600000", "0.850000", "0.400000"]
+    assert len(rows) == 4
+
+
+def test_an_empty_history_is_a_header_only_csv(tmp_path: Path) -> None:
+    write_history(tmp_path / "history.csv", {})
+    assert (tmp_path / "history.csv").read_text().splitlines() == ["epoch"]
