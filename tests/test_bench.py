@@ -15,7 +15,7 @@ import pytest
 
 from bench import disk, feature_extraction, incremental, input_pipeline, memory, training_step
 from bench.common import dvc_stages, write_synthetic_images
-from bench.memory import fit_line
+from bench.memory import fastest_run, fit_line
 from tests.conftest import zip_tree
 
 COMMON_KEYS = {"benchmark", "command", "quick", "machine", "settings", "results", "targets"}
@@ -129,8 +129,26 @@ def test_incremental_and_disk_run_dvc_on_a_copy(tiny_zip: Path, tmp_path: Path) 
 @pytest.mark.slow
 def test_memory_reports_each_stage(tmp_path: Path) -> None:
     args = ["--quick", "--sizes", "12", "--out", str(tmp_path), "--workdir", str(tmp_path)]
+    args += ["--repeats", "2"]
     results = load_result(memory.main(args), "memory")["results"]
     assert list(results["stages"]) == list(dvc_stages())
+    for stage, measured in results["stages"].items():
+        assert len(measured["all_seconds"]["12"]) == (2 if stage in memory.WATCHED else 1)
     for stage in results["stages"].values():
         assert_positive(*stage["peak_rss_mib"].values(), *stage["seconds"].values())
     assert_positive(results["import_floor"]["train_cnn"]["peak_rss_mib"])
+
+
+def test_the_fastest_run_counts_and_the_highest_peak() -> None:
+    runs = [
+        {"seconds": 9.0, "cpu_seconds": 12.0, "peak_rss_mib": 900.0, "returncode": 0},
+        {"seconds": 7.0, "cpu_seconds": 10.0, "peak_rss_mib": 880.0, "returncode": 0},
+        {"seconds": 8.0, "cpu_seconds": 11.0, "peak_rss_mib": 950.0, "returncode": 0},
+    ]
+    assert fastest_run(runs) == {
+        "seconds": 7.0,
+        "cpu_seconds": 10.0,
+        "peak_rss_mib": 950.0,
+        "returncode": 0,
+        "all_seconds": [9.0, 7.0, 8.0],
+    }
