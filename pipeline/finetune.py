@@ -92,6 +92,8 @@ def finetune(cfg: Config) -> None:
 def main() -> None:
     cfg = load_config_or_exit()
     if not cfg.finetune.enabled:
+        if not cfg.paths.models.transfer.is_file():
+            sys.exit(f"finetune: {cfg.paths.models.transfer} is missing; run train_head first")
         write_disabled_outputs(cfg.paths)
         print("finetune: disabled (finetune.enabled: false); the transfer model stands in")
         return

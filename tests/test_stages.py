@@ -18,6 +18,7 @@ from tests.conftest import set_params
         ("train_cnn", "run the split stage first"),
         ("extract_features", "run the split stage first"),
         ("train_head", "run the extract_features stage first"),
+        ("finetune", "run the pipeline up to train_head"),
         ("evaluate", "run the training stages first"),
     ],
 )
@@ -27,6 +28,16 @@ def test_a_stage_without_its_inputs_exits_with_a_hint(stage_workspace, stage, me
     with pytest.raises(SystemExit) as exit_info:
         module.main()
     assert message in str(exit_info.value.code)
+
+
+def test_a_disabled_finetune_without_the_transfer_model_exits_with_a_hint(stage_workspace):
+    from pipeline import finetune
+
+    set_params(stage_workspace, "finetune", enabled=False)
+    with pytest.raises(SystemExit) as exit_info:
+        finetune.main()
+    assert "transfer.keras is missing; run train_head first" in str(exit_info.value.code)
+    assert not (stage_workspace / "models").exists()
 
 
 def test_invalid_params_stop_a_stage_before_it_touches_anything(stage_workspace: Path):
