@@ -7,11 +7,13 @@ Its peak resident memory is the child's `ru_maxrss` from `os.wait4`. A stage who
 stays flat as N grows streams its data; time should grow linearly in N. The watched stages
 (train_cnn, extract_features) run `--repeats` times at each N and the fastest run counts,
 as `timeit` does: on a shared 2-core machine the same work has taken 1.8x longer from one
-run to the next, which would read as non-linearity. Epochs are 1 and
-images are small (`--image-size`, default 32) so the default run fits in about 20 minutes
-on a 2-core CPU: VGG16 at 150x150 would take an hour for the largest N alone.
+run to the next, which would read as non-linearity. The training stages run `--epochs`
+(default 3, never stopped early) and images are small (`--image-size`, default 32) so the
+default run fits in about 25 minutes on a 2-core CPU: VGG16 at 150x150 would take an hour
+for the largest N alone. With one epoch, train_cnn's work at 1,000 and 4,000 images (2 and
+8 s) drowns in its ~17 s of start-up and the noise around it.
 
-    python -m bench.memory [--sizes 1000,4000,16000] [--repeats 3] [--out bench/results] [--quick]
+    python -m bench.memory [--sizes 1000,4000,16000] [--repeats 3] [--epochs 3] [--quick]
 """
 
 from __future__ import annotations
@@ -140,8 +142,10 @@ def reload(report: Report, path: Path) -> tuple[list[int], dict, int, dict, dict
     )
 
 
-def memory_params(image_size: int, finetune: bool) -> dict[str, dict]:
-    """Overrides of the tests' tiny params: the configured models, small images, one epoch.
+def memory_params(image_size: int, finetune: bool, epochs: int = 1) -> dict[str, dict]:
+    """Overrides of the tests' tiny params: the configured models, small images, few epochs.
+
+    The training stages run `epochs` with patience as long: the same epochs at every N.
 
     Fine-tuning runs VGG16 forwards and its top backwards on every image, several times
     extraction's work; it is off unless asked for, so the default run stays near 20 minutes.
@@ -149,9 +153,9 @@ def memory_params(image_size: int, finetune: bool) -> dict[str, dict]:
     size = [image_size, image_size]
     return {
         "augment": {"variants": 1, "image_size": size},
-        "train_cnn": {"image_size": size, "epochs": 1, "patience": 1},
+        "train_cnn": {"image_size": size, "epochs": epochs, "patience": epochs},
         "features": {"weights": "none", "image_size": size},
-        "head": {"epochs": 1, "patience": 1},
+        "head": {"epochs": epochs, "patience": epochs},
         "finetune": {"enabled": finetune, "epochs": 1, "patience": 1},
     }
 
@@ -207,6 +211,9 @@ def main(argv: Sequence[str] | None = None) -> Path:
     parser.add_argument("--workdir", type=Path, help="where to make the copies (default: temp)")
     parser.add_argument("--finetune", action="store_true", help="run the finetune stage too")
     parser.add_argument(
+        "--epochs", type=int, help="epochs of train_cnn and train_head (default 3; quick 1)"
+    )
+    parser.add_argument(
         "--repeats",
         type=int,
         help="runs of train_cnn and extract_features per N, fastest counts (default 3; quick 1)",
@@ -215,7 +222,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
         "--from-json", type=Path, help="summarize an earlier run's memory.json, measuring nothing"
     )
     args = parser.parse_args(argv)
-    params = memory_params(args.image_size, args.finetune)
+    params = memory_params(args.image_size, args.finetune, args.epochs or (1 if args.quick else 3))
     args.repeats = args.repeats or (1 if args.quick else 3)
     if args.repeats < 1:
         parser.error("--repeats: at least 1")
@@ -294,7 +301,8 @@ def main(argv: Sequence[str] | None = None) -> Path:
     report.table(
         f"Wall time per stage (import floor {floors['train_cnn']['seconds']:.1f} s with "
         f"TensorFlow, {floors['split']['seconds']:.1f} s without); inputs "
-        f"{image_size}x{image_size}, 1 epoch; train_cnn and extract_features: the fastest of "
+        f"{image_size}x{image_size}, {params['train_cnn']['epochs']} training epochs; "
+        "train_cnn and extract_features: the fastest of "
         f"{args.repeats} run{'s' if args.repeats > 1 else ''}",
         headers,
         [
