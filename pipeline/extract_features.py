@@ -97,7 +97,7 @@ def save_features(
 
 def as_stored(chunk: np.ndarray, dtype: np.dtype) -> np.ndarray:
     largest = float(np.max(np.abs(chunk), initial=0.0))
-    if not largest <= np.finfo(dtype).max:  # also catches NaN
+    if not largest <= float(np.finfo(dtype).max):  # also catches NaN
         raise ValueError(
             f"features reach {largest:g}, beyond {dtype.name}'s range; "
             "set features.dtype: float32 in params.yaml"
