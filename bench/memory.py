@@ -95,14 +95,16 @@ def fit_line(xs: Sequence[float], ys: Sequence[float]) -> dict[str, float] | Non
     }
 
 
-def measure(args: argparse.Namespace, sizes: list[int], params: dict) -> tuple[dict, dict]:
+def measure(
+    args: argparse.Namespace, sizes: list[int], params: dict, repeats: int
+) -> tuple[dict, dict]:
     """Every stage at every size, then the import floors: `(per_size, floors)`."""
     from tests.pipeline_copy import clean_env
 
     per_size: dict[int, dict] = {}
     with tempfile.TemporaryDirectory(prefix="bench-memory-", dir=args.workdir) as workdir:
         for n in sizes:
-            per_size[n] = measure_size(n, Path(workdir), params, args.timeout, args.repeats)
+            per_size[n] = measure_size(n, Path(workdir), params, args.timeout, repeats)
         floors = {
             name: run_measured(
                 [sys.executable, "-c", f"import pipeline.{name}"],
@@ -122,7 +124,11 @@ def reload(report: Report, path: Path) -> tuple[list[int], dict, int, dict, dict
     sizes = [int(n) for n in old["settings"]["sizes"]]
     per_size = {
         n: {
-            stage: {key: s[key][str(n)] for key in ("seconds", "peak_rss_mib", "cpu_seconds")}
+            stage: {
+                key: s[key][str(n)]
+                for key in ("seconds", "peak_rss_mib", "cpu_seconds", "all_seconds")
+                if key in s
+            }
             for stage, s in old["results"]["stages"].items()
         }
         for n in sizes
@@ -148,7 +154,7 @@ def memory_params(image_size: int, finetune: bool, epochs: int = 1) -> dict[str,
     The training stages run `epochs` with patience as long: the same epochs at every N.
 
     Fine-tuning runs VGG16 forwards and its top backwards on every image, several times
-    extraction's work; it is off unless asked for, so the default run stays near 20 minutes.
+    extraction's work; it is off unless asked for, so the default run stays near 25 minutes.
     """
     size = [image_size, image_size]
     return {
@@ -222,10 +228,12 @@ def main(argv: Sequence[str] | None = None) -> Path:
         "--from-json", type=Path, help="summarize an earlier run's memory.json, measuring nothing"
     )
     args = parser.parse_args(argv)
-    params = memory_params(args.image_size, args.finetune, args.epochs or (1 if args.quick else 3))
-    args.repeats = args.repeats or (1 if args.quick else 3)
-    if args.repeats < 1:
-        parser.error("--repeats: at least 1")
+    default = 1 if args.quick else 3
+    epochs = default if args.epochs is None else args.epochs
+    repeats = default if args.repeats is None else args.repeats
+    if epochs < 1 or repeats < 1:
+        parser.error("--epochs and --repeats: at least 1")
+    params = memory_params(args.image_size, args.finetune, epochs)
     if args.sizes:
         sizes = sorted(int(n) for n in args.sizes.split(","))
     else:
@@ -238,9 +246,9 @@ def main(argv: Sequence[str] | None = None) -> Path:
     if args.from_json:
         sizes, params, image_size, per_size, floors = reload(report, args.from_json)
         old_settings = json.loads(args.from_json.read_text())["settings"]
-        args.repeats = old_settings.get("repeats_of_watched_stages", 1)
+        repeats = old_settings.get("repeats_of_watched_stages", 1)
     else:
-        per_size, floors = measure(args, sizes, params)
+        per_size, floors = measure(args, sizes, params, repeats)
 
     stages: dict[str, dict] = {}
     for stage in per_size[sizes[0]]:
@@ -267,7 +275,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
         "image_size": image_size,
         "params": params,
         "generated_image_side": 128,
-        "repeats_of_watched_stages": args.repeats,
+        "repeats_of_watched_stages": repeats,
         "flat_if_growth_at_most": FLAT_GROWTH,
         "linear_if_line_misses_at_most": LINEAR_TOLERANCE,
     }
@@ -303,7 +311,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
         f"TensorFlow, {floors['split']['seconds']:.1f} s without); inputs "
         f"{image_size}x{image_size}, {params['train_cnn']['epochs']} training epochs; "
         "train_cnn and extract_features: the fastest of "
-        f"{args.repeats} run{'s' if args.repeats > 1 else ''}",
+        f"{repeats} run{'s' if repeats > 1 else ''}",
         headers,
         [
             [stage]
