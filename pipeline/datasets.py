@@ -37,14 +37,30 @@ def load_image(path, image_size: Sequence[int]):
 CACHED_SHUFFLE_BUFFER = 1000
 
 
+def short_last_batch(count: int, batch_size: int, replicas: int) -> int:
+    """How many examples the last batch holds when they are too few to give each replica one.
+
+    `MirroredStrategy` splits every batch over the replicas, and a replica left without an
+    example aborts the step (TensorFlow 2.21: a last batch of one image on two replicas).
+    Training and validation leave those few examples out (at most replicas - 1, the same
+    shuffled-away ones while a cache holds the order); extraction pads them instead.
+    """
+    remainder = count % batch_size
+    return remainder if remainder < replicas else 0
+
+
 def image_dataset(
     images: Iterable[LabeledImage],
     image_size: Sequence[int],
     batch_size: int,
     shuffle_seed: int | None = None,
     cache_file: Path | None = None,
+    replicas: int = 1,
 ):
     """A batched, prefetched `tf.data.Dataset` of `(images, labels)` decoded in parallel.
+
+    With several `replicas`, a last batch too small to split over them is left out (see
+    `short_last_batch`).
 
     With `cache_file`, the first epoch decodes and resizes each image once and stores it as
     uint8 in that file; later epochs read it back instead of decoding JPEGs again, which on
@@ -64,6 +80,10 @@ def image_dataset(
         dataset = dataset.shuffle(
             len(paths), seed=shuffle_seed, reshuffle_each_iteration=not cached
         )
+    # Before the cache, which is only kept when an epoch reads all of it.
+    left_out = short_last_batch(len(paths), batch_size, replicas)
+    if left_out:
+        dataset = dataset.take(len(paths) - left_out)
     dataset = dataset.map(
         lambda path, label: (load_image(path, size), label),
         num_parallel_calls=tf.data.AUTOTUNE,
@@ -89,8 +109,11 @@ def training_datasets(
     batch_size: int,
     seed: int,
     cache: bool,
+    replicas: int = 1,
 ) -> Iterator[tuple[tf.data.Dataset, tf.data.Dataset]]:
     """Shuffled training and ordered validation datasets, cached in a temporary folder.
+
+    `batch_size` is the global batch, split over `replicas`.
 
     The folder (under `TMPDIR`) and its cache files are removed when the block ends, however
     it ends.
@@ -101,6 +124,12 @@ def training_datasets(
             return Path(folder) / name if cache else None
 
         yield (
-            image_dataset(train, image_size, batch_size, seed, cache_file("train")),
-            image_dataset(validation, image_size, batch_size, cache_file=cache_file("validation")),
+            image_dataset(train, image_size, batch_size, seed, cache_file("train"), replicas),
+            image_dataset(
+                validation,
+                image_size,
+                batch_size,
+                cache_file=cache_file("validation"),
+                replicas=replicas,
+            ),
         )

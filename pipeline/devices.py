@@ -33,7 +33,6 @@ class ComputePlan:
     device: str  # "cpu" or "gpu"
     precision: str  # the Keras dtype policy: float32, mixed_float16 or mixed_bfloat16
     devices: tuple[str, ...]  # the logical devices holding one replica each
-    is_chief: bool = True  # this process logs to MLflow and writes the outputs
 
     @property
     def replicas(self) -> int:
@@ -88,27 +87,31 @@ def plan_compute(
             "compute.precision mixed_float16 needs a GPU: CPUs emulate float16 and run it "
             "slower than float32. Use auto, float32 or mixed_bfloat16 on a CPU."
         )
-    return ComputePlan(device, precision, names, is_chief=is_chief(tf_config))
+    check_single_host(tf_config)
+    return ComputePlan(device, precision, names)
 
 
-def is_chief(tf_config: str | None) -> bool:
-    """Whether this process logs and saves: a lone process always does.
+def check_single_host(tf_config: str | None) -> None:
+    """Refuses a `TF_CONFIG` that describes a cluster of several processes.
 
-    In a cluster described by `TF_CONFIG` (one process per host), only the chief does, or
-    worker 0 where the cluster names no chief, the rule TensorFlow's multi-worker training
-    uses. Several GPUs on one host are one process, hence one chief.
+    Several GPUs of one host are one process, which logs and saves once. Several hosts would
+    need `MultiWorkerMirroredStrategy`, which the stages do not use: each process would
+    train a model of its own and write the same outputs, so that is refused, not half done.
     """
     if not tf_config:
-        return True
+        return
     try:
         spec = json.loads(tf_config)
     except json.JSONDecodeError as error:
         raise DeviceError(f"TF_CONFIG is not valid JSON: {error}") from None
-    task = spec.get("task") or {}
-    kind, index = task.get("type"), int(task.get("index", 0))
-    if kind is None or kind == "chief":
-        return True
-    return kind == "worker" and index == 0 and "chief" not in (spec.get("cluster") or {})
+    cluster = spec.get("cluster") or {}
+    tasks = sum(len(addresses) for addresses in cluster.values())
+    if tasks > 1:
+        raise DeviceError(
+            f"TF_CONFIG describes a cluster of {tasks} processes; the pipeline trains on one "
+            "host (every GPU of it, through MirroredStrategy). Unset TF_CONFIG and run the "
+            "stages on one machine."
+        )
 
 
 def configure_or_exit(cfg: ComputeConfig) -> tuple[ComputePlan, tf.distribute.Strategy]:

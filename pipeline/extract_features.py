@@ -19,7 +19,7 @@ import numpy as np
 
 from pipeline import devices, tracking
 from pipeline.config import FeaturesConfig, load_config_or_exit
-from pipeline.datasets import image_dataset
+from pipeline.datasets import image_dataset, short_last_batch
 from pipeline.files import atomic_dir, write_json
 from pipeline.images import SPLITS, LabeledImage, list_split
 from pipeline.models import WeightsUnavailableError, build_backbone
@@ -41,22 +41,31 @@ EXTRACT_CHUNK = 1024
 
 
 def extract_chunks(
-    backbone: keras.Model, images: list[LabeledImage], cfg: FeaturesConfig
+    backbone: keras.Model, images: list[LabeledImage], cfg: FeaturesConfig, replicas: int = 1
 ) -> Iterator[np.ndarray]:
-    """Backbone features of `images`, in order, one row per image, a chunk at a time."""
+    """Backbone features of `images`, in order, one row per image, a chunk at a time.
+
+    `cfg.batch_size` is the global batch. With several replicas, a last batch too small to
+    give each one an image is padded with copies of its last image, whose features are
+    then dropped.
+    """
     # A progress bar: at 10-20 images/s on a laptop CPU, the train split takes a while.
     progress = keras.utils.Progbar(len(images), unit_name="image")
     for start in range(0, len(images), EXTRACT_CHUNK):
         chunk = images[start : start + EXTRACT_CHUNK]
-        dataset = image_dataset(chunk, cfg.image_size, cfg.batch_size).map(lambda x, _y: x)
-        features = backbone.predict(dataset, verbose=0)
+        short = short_last_batch(len(chunk), cfg.batch_size, replicas)
+        padded = chunk + [chunk[-1]] * (replicas - short if short else 0)
+        dataset = image_dataset(padded, cfg.image_size, cfg.batch_size).map(lambda x, _y: x)
+        features = backbone.predict(dataset, verbose=0)[: len(chunk)]
         progress.add(len(chunk))
         yield features.reshape(len(chunk), -1).astype(np.float32, copy=False)
 
 
-def extract(backbone: keras.Model, images: list[LabeledImage], cfg: FeaturesConfig) -> np.ndarray:
+def extract(
+    backbone: keras.Model, images: list[LabeledImage], cfg: FeaturesConfig, replicas: int = 1
+) -> np.ndarray:
     """All of `images`' features in one array (for a few images; the stage streams them)."""
-    return np.concatenate(list(extract_chunks(backbone, images, cfg)))
+    return np.concatenate(list(extract_chunks(backbone, images, cfg, replicas)))
 
 
 def feature_dim(backbone: keras.Model) -> int:
@@ -118,8 +127,6 @@ def main() -> None:
     images = images_to_extract(paths.split, paths.augmented, params.include_augmented)
     if not all(images.values()):
         sys.exit("extract_features: a split is empty; run the split stage first")
-    if not plan.is_chief:
-        return  # inference keeps no replicas in step: the chief extracts and writes everything
     sections = ("common", "compute", "features")
     with tracking.stage_run("extract_features", cfg, *sections, system_metrics=True):
         mlflow.log_params(plan.params(params.batch_size))
@@ -140,7 +147,7 @@ def main() -> None:
             with atomic_dir(paths.features) as staging:
                 for split, split_images in images.items():
                     print(f"extract_features: {split} ({len(split_images)} images)")
-                    chunks = extract_chunks(backbone, split_images, batched)
+                    chunks = extract_chunks(backbone, split_images, batched, plan.replicas)
                     save_features(staging / f"{split}.npz", chunks, dim, split_images, params.dtype)
                     counts[split] = len(split_images)
         except ValueError as error:  # the previous features stay in place

@@ -42,7 +42,12 @@ def finetune(cfg: Config) -> None:
     from pipeline import devices, tracking
     from pipeline.datasets import training_datasets
     from pipeline.images import list_split
-    from pipeline.models import build_finetune_model
+    from pipeline.models import (
+        build_backbone,
+        build_finetune_model,
+        build_head,
+        rebuild_with_weights,
+    )
     from pipeline.training import fit, log_and_record_model, save_training_outputs
 
     plan, strategy = devices.configure_or_exit(cfg.compute)
@@ -55,34 +60,40 @@ def finetune(cfg: Config) -> None:
     if not train or not validation or not paths.models.head.is_file():
         sys.exit("finetune: needs the splits and a trained head; run the pipeline up to train_head")
     keras.utils.set_random_seed(seed)
-    with strategy.scope():
-        backbone = keras.models.load_model(paths.models.backbone)
-        head = keras.models.load_model(paths.models.head)
-        model, unfrozen = build_finetune_model(backbone, head, params)
+    saved_backbone = keras.models.load_model(paths.models.backbone, compile=False)
+    saved_head = keras.models.load_model(paths.models.head, compile=False)
+    # Rebuilt rather than used as loaded, so that they train in this machine's precision
+    # (the saved files keep the one they were written in); no weights fetched to build them.
+    unweighted = cfg.features.model_copy(update={"weights": "none"})
+    try:
+        with strategy.scope():
+            backbone = rebuild_with_weights(saved_backbone, build_backbone(unweighted))
+            feature_dim = saved_head.input_shape[-1]
+            head = rebuild_with_weights(saved_head, build_head(feature_dim, cfg.head))
+            model, unfrozen = build_finetune_model(backbone, head, params)
+    except ValueError as error:
+        sys.exit(f"finetune: {error}")
     size = backbone.input_shape[1:3]
     batch_size = plan.global_batch_size(params.batch_size)
     datasets = training_datasets(
-        train, validation, size, batch_size, seed, cfg.compute.cache_images
+        train, validation, size, batch_size, seed, cfg.compute.cache_images, plan.replicas
     )
-    with datasets as (train_data, validation_data):
-        if not plan.is_chief:
-            fit(model, train_data, validation_data, params, log_to_mlflow=False)
-            return
-        with tracking.stage_run(
-            "finetune", cfg, "common", "compute", "finetune", system_metrics=True
-        ):
-            mlflow.log_params(plan.params(params.batch_size))
-            mlflow.log_param("finetune.unfrozen", ",".join(unfrozen))
-            tracking.log_image_inputs(train, "train", "training")
-            tracking.log_image_inputs(validation, "validation", "validation")
-            history = fit(model, train_data, validation_data, params)
-            summary = save_training_outputs(
-                model, history, paths.models.finetuned, reports, "fine-tuned backbone + head"
-            )
-            mlflow.log_metrics(dict(summary))
-            mlflow.log_artifacts(str(reports), artifact_path="reports")
-            example = next(iter(validation_data))[0][:1].numpy()
-            log_and_record_model(model, "finetuned", example, reports, summary)
+    with (
+        datasets as (train_data, validation_data),
+        tracking.stage_run("finetune", cfg, "common", "compute", "finetune", system_metrics=True),
+    ):
+        mlflow.log_params(plan.params(params.batch_size))
+        mlflow.log_param("finetune.unfrozen", ",".join(unfrozen))
+        tracking.log_image_inputs(train, "train", "training")
+        tracking.log_image_inputs(validation, "validation", "validation")
+        history = fit(model, train_data, validation_data, params)
+        summary = save_training_outputs(
+            model, history, paths.models.finetuned, reports, "fine-tuned backbone + head"
+        )
+        mlflow.log_metrics(dict(summary))
+        mlflow.log_artifacts(str(reports), artifact_path="reports")
+        example = next(iter(validation_data))[0][:1].numpy()
+        log_and_record_model(model, "finetuned", example, reports, summary)
     print(
         f"finetune: {summary['epochs_run']} epochs with {', '.join(unfrozen)} unfrozen, best "
         f"validation accuracy {summary['best_val_accuracy']:.3f}; saved {paths.models.finetuned}"

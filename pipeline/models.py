@@ -200,6 +200,23 @@ def unfreeze_top(backbone: keras.Model, layers: int) -> list[str]:
     return [layer.name for layer in weighted[-layers:] if layer.trainable]
 
 
+def rebuild_with_weights(saved: keras.Model, built: keras.Model) -> keras.Model:
+    """`built`, made afresh in this process, holding `saved`'s weights.
+
+    A loaded `.keras` file keeps the dtype policy its layers were saved under (mixed_float16
+    where extract_features ran on a GPU), whatever this process's policy is. Building the
+    same architecture anew and copying the weights gives layers in this machine's precision.
+    """
+    try:
+        built.set_weights(saved.get_weights())
+    except ValueError as error:
+        raise ValueError(
+            f"the saved {saved.name} does not match the params' {built.name}: {error}. "
+            "Re-run the stages that wrote it."
+        ) from None
+    return built
+
+
 def build_finetune_model(
     backbone: keras.Model, head: keras.Model, cfg: FinetuneConfig
 ) -> tuple[keras.Model, list[str]]:

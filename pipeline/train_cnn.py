@@ -34,14 +34,17 @@ def main() -> None:
     keras.utils.set_random_seed(seed)
     batch_size = plan.global_batch_size(params.batch_size)
     datasets = training_datasets(
-        train, validation, params.image_size, batch_size, seed, cfg.compute.cache_images
+        train,
+        validation,
+        params.image_size,
+        batch_size,
+        seed,
+        cfg.compute.cache_images,
+        plan.replicas,
     )
     with datasets as (train_data, validation_data):
         with strategy.scope():
             model = build_cnn(params)
-        if not plan.is_chief:  # another process of a multi-worker run: only the chief writes
-            fit(model, train_data, validation_data, params, log_to_mlflow=False)
-            return
         sections = ("common", "compute", "train_cnn")
         with tracking.stage_run("train_cnn", cfg, *sections, system_metrics=True):
             mlflow.log_params(plan.params(params.batch_size))

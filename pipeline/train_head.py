@@ -17,6 +17,7 @@ import tensorflow as tf
 
 from pipeline import devices, tracking
 from pipeline.config import load_config_or_exit
+from pipeline.datasets import short_last_batch
 from pipeline.extract_features import load_features
 from pipeline.images import LabeledImage
 from pipeline.models import build_head, compose_transfer
@@ -24,11 +25,19 @@ from pipeline.training import fit, log_and_record_model, save_model, save_traini
 
 
 def feature_dataset(
-    features: np.ndarray, labels: np.ndarray, batch_size: int, shuffle_seed: int | None = None
+    features: np.ndarray,
+    labels: np.ndarray,
+    batch_size: int,
+    shuffle_seed: int | None = None,
+    replicas: int = 1,
 ):
+    """Batches of `(features, labels)`; with several replicas, see `short_last_batch`."""
     dataset = tf.data.Dataset.from_tensor_slices((features, labels.astype(np.float32)))
     if shuffle_seed is not None:
         dataset = dataset.shuffle(len(labels), seed=shuffle_seed, reshuffle_each_iteration=True)
+    left_out = short_last_batch(len(labels), batch_size, replicas)
+    if left_out:
+        dataset = dataset.take(len(labels) - left_out)
     return dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)
 
 
@@ -48,13 +57,10 @@ def main() -> None:
     reports = paths.reports.train_head
     keras.utils.set_random_seed(seed)
     batch_size = plan.global_batch_size(params.batch_size)
-    train_data = feature_dataset(train_x, train_y, batch_size, shuffle_seed=seed)
-    validation_data = feature_dataset(val_x, val_y, batch_size)
+    train_data = feature_dataset(train_x, train_y, batch_size, seed, plan.replicas)
+    validation_data = feature_dataset(val_x, val_y, batch_size, replicas=plan.replicas)
     with strategy.scope():
         head = build_head(train_x.shape[1], params)
-    if not plan.is_chief:  # another process of a multi-worker run: only the chief writes
-        fit(head, train_data, validation_data, params, log_to_mlflow=False)
-        return
     with tracking.stage_run("train_head", cfg, "common", "compute", "head"):
         mlflow.log_params(plan.params(params.batch_size))
         tracking.log_image_inputs(as_images(train_files, train_y), "features/train", "training")

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.datasets import image_dataset, training_datasets
+from pipeline.datasets import image_dataset, short_last_batch, training_datasets
 from pipeline.images import LabeledImage
 from tests.conftest import write_kaggle_tree
 
@@ -82,3 +82,25 @@ def test_load_image_matches_an_antialiased_resize_whether_it_shrinks_or_grows(
     decoded = tf.io.decode_jpeg(path.read_bytes(), channels=3)
     expected = tf.image.resize(decoded, SIZE, antialias=True).numpy()
     np.testing.assert_allclose(load_image(str(path), SIZE).numpy(), expected, atol=1e-3)
+
+
+@pytest.mark.parametrize(
+    ("count", "batch", "replicas", "short"),
+    [(9, 8, 1, 0), (9, 8, 2, 1), (10, 8, 2, 0), (8, 8, 2, 0), (3, 8, 4, 3), (1, 8, 2, 1)],
+)
+def test_a_last_batch_is_short_only_when_some_replica_would_get_nothing(
+    count: int, batch: int, replicas: int, short: int
+) -> None:
+    assert short_last_batch(count, batch, replicas) == short
+
+
+@pytest.mark.parametrize("cache", [False, True])
+def test_several_replicas_never_get_a_batch_smaller_than_their_number(
+    images, tmp_path: Path, cache: bool
+) -> None:
+    # 12 images in batches of 11: a last batch of 1, which two replicas cannot share.
+    cache_file = tmp_path / "cache" if cache else None
+    dataset = image_dataset(images, SIZE, 11, shuffle_seed=0, cache_file=cache_file, replicas=2)
+    for _ in range(2):  # the second epoch reads the cache
+        assert [len(y) for _, y in dataset.as_numpy_iterator()] == [11]
+    assert [len(y) for _, y in image_dataset(images, SIZE, 11).as_numpy_iterator()] == [11, 1]

@@ -19,7 +19,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from pipeline.config import ComputeConfig, flatten
-from pipeline.devices import DeviceError, is_chief, plan_compute
+from pipeline.devices import DeviceError, plan_compute
 from pipeline.models import build_cnn
 from pipeline.tracking import DEFAULT_EXPERIMENT
 from tests.conftest import REPO_ROOT, jpeg_bytes, photo, tiny_config
@@ -64,28 +64,28 @@ def test_resolved_values_do_not_reuse_the_requested_param_names() -> None:
 
 
 @pytest.mark.parametrize(
-    ("tf_config", "chief"),
-    [
-        (None, True),
-        ("", True),
-        ({"cluster": {"worker": ["a:1", "b:1"]}, "task": {"type": "worker", "index": 0}}, True),
-        ({"cluster": {"worker": ["a:1", "b:1"]}, "task": {"type": "worker", "index": 1}}, False),
-        ({"cluster": {"chief": ["a:1"], "worker": ["b:1"]}, "task": {"type": "chief"}}, True),
-        (
-            {"cluster": {"chief": ["a:1"], "worker": ["b:1"]}, "task": {"type": "worker"}},
-            False,
-        ),
-        ({"cluster": {"evaluator": ["c:1"]}, "task": {"type": "evaluator", "index": 0}}, False),
-    ],
+    "tf_config",
+    [None, "", json.dumps({"cluster": {"worker": ["a:1"]}, "task": {"type": "worker"}})],
 )
-def test_only_the_chief_of_a_cluster_logs_and_saves(tf_config, chief: bool) -> None:
-    text = json.dumps(tf_config) if isinstance(tf_config, dict) else tf_config
-    assert is_chief(text) is chief
+def test_one_process_needs_no_cluster(tf_config) -> None:
+    plan = plan_compute(ComputeConfig(), TWO_GPUS, CPU, tf_config)
+    assert plan.replicas == 2
+
+
+@pytest.mark.parametrize(
+    "cluster",
+    [{"worker": ["a:1", "b:1"]}, {"chief": ["a:1"], "worker": ["b:1"]}],
+)
+def test_a_cluster_of_several_processes_is_refused(cluster) -> None:
+    # Each process would train a model of its own and write the same outputs.
+    tf_config = json.dumps({"cluster": cluster, "task": {"type": "worker", "index": 0}})
+    with pytest.raises(DeviceError, match=r"cluster of 2 processes.*Unset TF_CONFIG"):
+        plan_compute(ComputeConfig(), TWO_GPUS, CPU, tf_config)
 
 
 def test_a_malformed_tf_config_is_named() -> None:
     with pytest.raises(DeviceError, match="TF_CONFIG is not valid JSON"):
-        is_chief("{worker")
+        plan_compute(ComputeConfig(), [], CPU, "{worker")
 
 
 def test_importing_devices_does_not_load_tensorflow() -> None:
@@ -112,7 +112,8 @@ def test_mixed_precision_keeps_the_probability_in_float32() -> None:
     assert np.isfinite(loss)
 
 
-# Runs in a fresh interpreter: two logical CPUs, then train_cnn's main() as DVC runs it.
+# Runs in a fresh interpreter: two logical CPUs, then the training stages' main() in turn,
+# as DVC runs them.
 TWO_REPLICAS = """
 import tensorflow as tf
 
@@ -123,31 +124,41 @@ import mlflow.keras.save
 # MLflow infers a model's pip requirements by loading it in yet another interpreter (10 s or
 # more); that is beside the point here.
 mlflow.keras.save.infer_pip_requirements = lambda path, flavor, fallback=None: fallback
-from pipeline import train_cnn
+from pipeline import extract_features, finetune, train_cnn, train_head
 
-train_cnn.main()
+for stage in (train_cnn, extract_features, train_head, finetune):
+    stage.main()
 print("logical CPUs:", len(tf.config.list_logical_devices("CPU")))
 """
 
+# Images per class in each split: 9 training and 9 validation images in global batches of 8
+# leave a last batch of 1, which two replicas cannot share; the test split is that 1 image.
+UNEVEN_SPLITS = {"train": (5, 4), "validation": (5, 4), "test": (1, 0)}
 
-def tiny_workspace(root: Path, per_class: int = 4) -> Path:
-    """params.yaml for a one-step CNN, and a split of `per_class` training images per class."""
+
+def tiny_workspace(root: Path, splits: dict[str, tuple[int, int]] = UNEVEN_SPLITS) -> Path:
+    """params.yaml for one-epoch models at batch size 4 per replica, and a split of `splits`."""
     params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
-    tiny = {"image_size": [32, 32], "conv_filters": [4, 4], "dense_units": [8], "epochs": 1}
-    params["train_cnn"].update(tiny, batch_size=per_class, use_augmented=False)
+    one_epoch = {"batch_size": 4, "epochs": 1}
+    params["train_cnn"].update(
+        one_epoch, image_size=[32, 32], conv_filters=[4, 4], dense_units=[8], use_augmented=False
+    )
+    params["features"].update(weights="none", image_size=[32, 32], batch_size=4)
+    params["head"].update(one_epoch, units=8)
+    params["finetune"].update(one_epoch, enabled=True, use_augmented=False)
     root.mkdir(parents=True)
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    for split, count in (("train", per_class), ("validation", per_class // 2)):
-        for label, name in enumerate(("cats", "dogs")):
+    for number, (split, counts) in enumerate(splits.items()):
+        for label, (name, count) in enumerate(zip(("cats", "dogs"), counts, strict=True)):
             folder = root / "data" / "split" / split / name
             folder.mkdir(parents=True)
             for n in range(count):
-                seed = 1000 * label + n + (500 if split == "validation" else 0)
+                seed = 1000 * label + n + 100 * number
                 (folder / f"{n}.jpg").write_bytes(jpeg_bytes(photo(label, seed, (32, 32))))
     return root
 
 
-def test_scratch_cnn_trains_on_two_replicas_and_is_saved_and_logged_once(tmp_path: Path):
+def test_the_training_stages_run_on_two_replicas_and_save_and_log_once(tmp_path: Path):
     workspace = tiny_workspace(tmp_path / "workspace")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_", "TF_"))}
     env.update(PYTHONPATH=str(REPO_ROOT), TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="")
@@ -157,37 +168,42 @@ def test_scratch_cnn_trains_on_two_replicas_and_is_saved_and_logged_once(tmp_pat
         env=env,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=600,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "logical CPUs: 2" in result.stdout
 
-    metrics = json.loads((workspace / "reports/train_cnn/metrics.json").read_text())
-    assert metrics["epochs_run"] == 1 and np.isfinite(metrics["best_loss"])
-    # One model file: no copy per replica, no staging file left behind.
-    assert sorted(p.name for p in (workspace / "models").iterdir()) == ["cnn.keras"]
+    for stage in ("train_cnn", "train_head", "finetune"):
+        metrics = json.loads((workspace / f"reports/{stage}/metrics.json").read_text())
+        assert metrics["epochs_run"] == 1 and np.isfinite(metrics["best_loss"]), stage
+    # Every image has its features, the padding used for the last batch none.
+    for split, counts in UNEVEN_SPLITS.items():
+        with np.load(workspace / f"data/features/{split}.npz") as features:
+            assert features["features"].shape[0] == sum(counts)
+    # One file per model: no copy per replica, no staging file left behind.
+    models = ["backbone.keras", "cnn.keras", "finetuned.keras", "head.keras", "transfer.keras"]
+    assert sorted(p.name for p in (workspace / "models").iterdir()) == models
 
     client = MlflowClient(f"sqlite:///{workspace / 'mlflow.db'}")
     experiment = client.get_experiment_by_name(DEFAULT_EXPERIMENT)
-    runs = client.search_runs([experiment.experiment_id], "tags.`pipeline.stage` = 'train_cnn'")
-    assert len(runs) == 1
-    params = runs[0].data.params
-    assert params["compute.strategy"] == "mirrored" and params["compute.replicas"] == "2"
-    assert params["compute.global_batch_size"] == "8" and params["train_cnn.batch_size"] == "4"
-    assert params["compute.used_device"] == "cpu" and params["compute.device"] == "auto"
+    for stage in ("train_cnn", "extract_features", "train_head", "finetune"):
+        runs = client.search_runs([experiment.experiment_id], f"tags.`pipeline.stage` = '{stage}'")
+        assert len(runs) == 1, stage
+        params = runs[0].data.params
+        assert params["compute.strategy"] == "mirrored" and params["compute.replicas"] == "2"
+        assert params["compute.global_batch_size"] == "8", stage
+        assert params["compute.used_device"] == "cpu" and params["compute.device"] == "auto"
     logged = client.search_logged_models(experiment_ids=[experiment.experiment_id])
-    assert [model.name for model in logged] == ["cnn"]
+    assert sorted(model.name for model in logged) == ["cnn", "finetuned", "transfer"]
 
 
-def test_a_worker_that_is_not_the_chief_trains_but_writes_nothing(tmp_path, monkeypatch):
+def test_a_stage_started_as_one_worker_of_a_cluster_exits_and_writes_nothing(tmp_path, monkeypatch):
     from pipeline import train_cnn
 
     workspace = tiny_workspace(tmp_path / "worker")
     cluster = {"cluster": {"worker": ["a:1", "b:1"]}, "task": {"type": "worker", "index": 1}}
     monkeypatch.setenv("TF_CONFIG", json.dumps(cluster))
     monkeypatch.chdir(workspace)
-    fits, real_fit = [], train_cnn.fit
-    monkeypatch.setattr(train_cnn, "fit", lambda *a, **kw: fits.append(kw) or real_fit(*a, **kw))
-    train_cnn.main()
-    assert fits == [{"log_to_mlflow": False}]
+    with pytest.raises(SystemExit, match="cluster of 2 processes"):
+        train_cnn.main()
     assert sorted(p.name for p in workspace.iterdir()) == ["data", "params.yaml"]

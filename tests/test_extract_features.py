@@ -73,3 +73,24 @@ def test_chunked_extraction_matches_one_predict(tmp_path, monkeypatch) -> None:
     whole = extract(backbone, images, cfg)
     assert whole.shape == (8, extract_features.feature_dim(backbone))
     np.testing.assert_allclose(np.concatenate(chunks), whole, rtol=1e-4, atol=1e-4)
+
+
+def test_a_last_batch_too_small_for_the_replicas_is_padded_and_trimmed(
+    tmp_path, monkeypatch
+) -> None:
+    from pipeline.models import build_backbone
+
+    images = labeled(write_kaggle_tree(tmp_path, per_class=4))[:7]  # batches of 3: 3, 3, 1
+    cfg = tiny_config().features.model_copy(update={"batch_size": 3})
+    backbone = build_backbone(cfg)
+    plain = extract(backbone, images, cfg)
+    predicted, real_dataset = [], extract_features.image_dataset
+    monkeypatch.setattr(
+        extract_features,
+        "image_dataset",
+        lambda chunk, *args: predicted.append(chunk) or real_dataset(chunk, *args),
+    )
+    padded = extract(backbone, images, cfg, replicas=2)
+    assert [len(chunk) for chunk in predicted] == [8]  # 3, 3, 2: one copy of the last image
+    assert predicted[0][-1] == predicted[0][-2] == images[-1]
+    np.testing.assert_allclose(padded, plain, rtol=1e-4, atol=1e-4)

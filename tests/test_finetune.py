@@ -7,8 +7,15 @@ from pathlib import Path
 
 import keras
 import numpy as np
+import pytest
 
-from pipeline.models import build_backbone, build_finetune_model, build_head, unfreeze_top
+from pipeline.models import (
+    build_backbone,
+    build_finetune_model,
+    build_head,
+    rebuild_with_weights,
+    unfreeze_top,
+)
 from tests.conftest import REPO_ROOT, set_params, tiny_config
 
 FEATURES = tiny_config().features
@@ -76,3 +83,32 @@ def test_a_disabled_stage_hands_on_the_transfer_model_without_importing_tensorfl
     assert json.loads((reports / "metrics.json").read_text()) == {"enabled": False}
     assert (reports / "history.csv").read_text().splitlines() == ["epoch"]
     assert (reports / "history.png").stat().st_size > 0
+
+
+def dtype_policies(model: keras.Model) -> set[str]:
+    """The dtype policies of `model`'s layers, nested models' layers included."""
+    names = set()
+    for layer in model.layers:
+        names |= dtype_policies(layer) if isinstance(layer, keras.Model) else set()
+        names.add(layer.dtype_policy.name)
+    return names
+
+
+def test_a_rebuilt_backbone_takes_this_machines_precision_and_keeps_its_weights(tmp_path):
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")  # as if extracted elsewhere
+    try:
+        build_backbone(FEATURES).save(tmp_path / "backbone.keras")
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    saved = keras.models.load_model(tmp_path / "backbone.keras")
+    assert "mixed_bfloat16" in dtype_policies(saved)  # loading keeps the saved precision
+    rebuilt = rebuild_with_weights(saved, build_backbone(FEATURES))
+    assert dtype_policies(rebuilt) == {"float32"}
+    for ours, theirs in zip(rebuilt.get_weights(), saved.get_weights(), strict=True):
+        np.testing.assert_array_equal(ours, theirs)
+
+
+def test_rebuilding_from_a_model_of_other_params_is_refused() -> None:
+    saved = build_head(8, HEAD)
+    with pytest.raises(ValueError, match=r"does not match the params' head.*Re-run"):
+        rebuild_with_weights(saved, build_head(8, HEAD.model_copy(update={"units": 5})))
