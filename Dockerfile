@@ -72,16 +72,19 @@ ENV XLA_FLAGS=--xla_gpu_cuda_data_dir=/opt/venv/lib/python3.12/site-packages/nvi
     PATH=/opt/venv/lib/python3.12/site-packages/nvidia/cuda_nvcc/bin:$PATH
 
 # The VGG16 ImageNet weights (59 MB) where Keras looks for them, checked against Keras' own
-# hash, so runs never download them (features.weights: imagenet). Readable by any user.
-RUN python -c "import keras; keras.applications.VGG16(include_top=False, weights='imagenet')" \
-    && chmod -R a+rX "$KERAS_HOME"
+# hash, so runs never download them (features.weights: imagenet). Only VGG16's: other
+# backbones download theirs at run time.
+RUN python -c "import keras; keras.applications.VGG16(include_top=False, weights='imagenet')"
 
 # Ubuntu's images ship a user `ubuntu` as UID 1000; the project's user takes its place.
+# It owns KERAS_HOME: Keras looks for the weights in /tmp/.keras instead, and downloads
+# them again, when KERAS_HOME is not writable.
 RUN (userdel --remove ubuntu 2>/dev/null || true) \
     && groupadd --gid "$GID" --non-unique app \
     && useradd --uid "$UID" --gid "$GID" --non-unique --create-home --shell /bin/bash app \
     && mkdir -p /workspace \
-    && chown app:app /workspace
+    && chown app:app /workspace \
+    && chown -R app:app "$KERAS_HOME"
 
 # Numeric, so Kubernetes' runAsNonRoot (Actions Runner Controller pods) can check it.
 USER ${UID}:${GID}

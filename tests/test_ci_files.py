@@ -137,8 +137,10 @@ def test_image_pins_what_ci_tests_and_a_cuda_base_tensorflow_supports() -> None:
     assert re.search(r"nvidia-cudnn-cu12==9\.", text)  # cuDNN 9, what TensorFlow 2.21 needs
     user = re.findall(r"^USER\s+(\S+)", text, re.MULTILINE)
     assert user and user[-1] not in ("root", "0", "0:0")
-    # The ImageNet weights are baked in: a run never downloads them.
+    # The ImageNet weights are baked in, and in a folder the user can write: Keras falls back
+    # to /tmp/.keras, and downloads them again, where KERAS_HOME is read-only to the user.
     assert "weights='imagenet'" in text and "KERAS_HOME=" in text
+    assert 'chown -R app:app "$KERAS_HOME"' in text and "useradd" in text
 
 
 def test_docker_build_context_holds_what_the_dockerfile_copies() -> None:
