@@ -37,16 +37,20 @@ def load_image(path, image_size: Sequence[int]):
 CACHED_SHUFFLE_BUFFER = 1000
 
 
-def short_last_batch(count: int, batch_size: int, replicas: int) -> int:
-    """How many examples the last batch holds when they are too few to give each replica one.
+def left_out_of_last_batch(count: int, batch_size: int, replicas: int) -> int:
+    """Examples to leave out of the last batch so that no replica's share of it is empty.
 
-    `MirroredStrategy` splits every batch over the replicas, and a replica left without an
-    example aborts the step (TensorFlow 2.21: a last batch of one image on two replicas).
-    Training and validation leave those few examples out (at most replicas - 1, the same
-    shuffled-away ones while a cache holds the order); extraction pads them instead.
+    `MirroredStrategy` splits a batch by giving ceil(n / replicas) examples to each replica
+    in turn, so a short last batch can leave the later ones with none (5 over 4 replicas:
+    2, 2, 1, 0), which aborts the step. Leaving out n % replicas makes the batch split
+    evenly: at most replicas - 1 examples an epoch, the same shuffled-away ones while a
+    cache holds the order. Extraction pads with replicas minus this many copies instead.
     """
     remainder = count % batch_size
-    return remainder if remainder < replicas else 0
+    if remainder == 0 or replicas == 1:
+        return 0
+    per_replica = -(-remainder // replicas)
+    return remainder % replicas if per_replica * (replicas - 1) >= remainder else 0
 
 
 def image_dataset(
@@ -59,8 +63,8 @@ def image_dataset(
 ):
     """A batched, prefetched `tf.data.Dataset` of `(images, labels)` decoded in parallel.
 
-    With several `replicas`, a last batch too small to split over them is left out (see
-    `short_last_batch`).
+    With several `replicas`, what of the last batch would leave one of them empty is left out
+    (`left_out_of_last_batch`).
 
     With `cache_file`, the first epoch decodes and resizes each image once and stores it as
     uint8 in that file; later epochs read it back instead of decoding JPEGs again, which on
@@ -81,7 +85,7 @@ def image_dataset(
             len(paths), seed=shuffle_seed, reshuffle_each_iteration=not cached
         )
     # Before the cache, which is only kept when an epoch reads all of it.
-    left_out = short_last_batch(len(paths), batch_size, replicas)
+    left_out = left_out_of_last_batch(len(paths), batch_size, replicas)
     if left_out:
         dataset = dataset.take(len(paths) - left_out)
     dataset = dataset.map(

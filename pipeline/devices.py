@@ -46,6 +46,15 @@ class ComputePlan:
         """The batch `tf.data` yields: Keras splits it evenly over the replicas."""
         return per_replica * self.replicas
 
+    def exit_if_too_few(self, stage: str, **examples: int) -> None:
+        """Exits when a split has fewer examples than there are replicas to share them."""
+        for split, count in examples.items():
+            if count < self.replicas:
+                raise SystemExit(
+                    f"{stage}: {count} {split} examples cannot be shared by {self.replicas} "
+                    "replicas; add images, or use fewer GPUs (CUDA_VISIBLE_DEVICES)"
+                )
+
     def params(self, per_replica_batch: int) -> dict[str, Any]:
         # `compute.device` and `compute.precision` are the requested values (often `auto`),
         # logged with the stage's other params; these say what they resolved to.

@@ -19,7 +19,7 @@ import numpy as np
 
 from pipeline import devices, tracking
 from pipeline.config import FeaturesConfig, load_config_or_exit
-from pipeline.datasets import image_dataset, short_last_batch
+from pipeline.datasets import image_dataset, left_out_of_last_batch
 from pipeline.files import atomic_dir, write_json
 from pipeline.images import SPLITS, LabeledImage, list_split
 from pipeline.models import WeightsUnavailableError, build_backbone
@@ -45,15 +45,15 @@ def extract_chunks(
 ) -> Iterator[np.ndarray]:
     """Backbone features of `images`, in order, one row per image, a chunk at a time.
 
-    `cfg.batch_size` is the global batch. With several replicas, a last batch too small to
-    give each one an image is padded with copies of its last image, whose features are
-    then dropped.
+    `cfg.batch_size` is the global batch. With several replicas, a last batch that would
+    leave one of them without an image is padded with copies of its last image, whose
+    features are then dropped.
     """
     # A progress bar: at 10-20 images/s on a laptop CPU, the train split takes a while.
     progress = keras.utils.Progbar(len(images), unit_name="image")
     for start in range(0, len(images), EXTRACT_CHUNK):
         chunk = images[start : start + EXTRACT_CHUNK]
-        short = short_last_batch(len(chunk), cfg.batch_size, replicas)
+        short = left_out_of_last_batch(len(chunk), cfg.batch_size, replicas)
         padded = chunk + [chunk[-1]] * (replicas - short if short else 0)
         dataset = image_dataset(padded, cfg.image_size, cfg.batch_size).map(lambda x, _y: x)
         features = backbone.predict(dataset, verbose=0)[: len(chunk)]

@@ -42,12 +42,7 @@ def finetune(cfg: Config) -> None:
     from pipeline import devices, tracking
     from pipeline.datasets import training_datasets
     from pipeline.images import list_split
-    from pipeline.models import (
-        build_backbone,
-        build_finetune_model,
-        build_head,
-        rebuild_with_weights,
-    )
+    from pipeline.models import build_finetune_model, in_current_precision
     from pipeline.training import fit, log_and_record_model, save_training_outputs
 
     plan, strategy = devices.configure_or_exit(cfg.compute)
@@ -59,20 +54,16 @@ def finetune(cfg: Config) -> None:
     validation = list_split(paths.split / "validation")
     if not train or not validation or not paths.models.head.is_file():
         sys.exit("finetune: needs the splits and a trained head; run the pipeline up to train_head")
+    plan.exit_if_too_few("finetune", training=len(train), validation=len(validation))
     keras.utils.set_random_seed(seed)
-    saved_backbone = keras.models.load_model(paths.models.backbone, compile=False)
-    saved_head = keras.models.load_model(paths.models.head, compile=False)
-    # Rebuilt rather than used as loaded, so that they train in this machine's precision
-    # (the saved files keep the one they were written in); no weights fetched to build them.
-    unweighted = cfg.features.model_copy(update={"weights": "none"})
-    try:
-        with strategy.scope():
-            backbone = rebuild_with_weights(saved_backbone, build_backbone(unweighted))
-            feature_dim = saved_head.input_shape[-1]
-            head = rebuild_with_weights(saved_head, build_head(feature_dim, cfg.head))
-            model, unfrozen = build_finetune_model(backbone, head, params)
-    except ValueError as error:
-        sys.exit(f"finetune: {error}")
+    saved = [
+        keras.models.load_model(path, compile=False)
+        for path in (paths.models.backbone, paths.models.head)
+    ]
+    with strategy.scope():
+        # Copies in this machine's precision: the saved files keep the one they were written in.
+        backbone, head = (in_current_precision(model) for model in saved)
+        model, unfrozen = build_finetune_model(backbone, head, params)
     size = backbone.input_shape[1:3]
     batch_size = plan.global_batch_size(params.batch_size)
     datasets = training_datasets(

@@ -43,6 +43,14 @@ def compile_binary(model: keras.Model, cfg: OptimizerMixin) -> keras.Model:
     return model
 
 
+OUTPUT_LAYER = "prob_dog"
+
+
+def probability_of_dog(x):
+    """The output layer: float32 whatever the policy, so mixed precision keeps its loss exact."""
+    return keras.layers.Dense(1, activation="sigmoid", dtype="float32", name=OUTPUT_LAYER)(x)
+
+
 def build_cnn(cfg: TrainCnnConfig) -> keras.Model:
     """The tutorial's small CNN: conv/pool blocks, dense layers with dropout, a sigmoid."""
     inputs = keras.Input(shape=(*cfg.image_size, 3), name="image")
@@ -59,7 +67,7 @@ def build_cnn(cfg: TrainCnnConfig) -> keras.Model:
         x = keras.layers.Dropout(cfg.dropout)(x)
     # float32 even under a mixed-precision policy, as Keras advises for the last layer:
     # float16 keeps ~3 significant digits, too few for confident probabilities.
-    outputs = keras.layers.Dense(1, activation="sigmoid", dtype="float32", name="prob_dog")(x)
+    outputs = probability_of_dog(x)
     return compile_binary(keras.Model(inputs, outputs, name="cnn"), cfg)
 
 
@@ -103,6 +111,9 @@ class BackboneSpec:
     build: Callable[..., keras.Model]
     preprocessing: Callable[[], keras.layers.Layer] | None  # None: the model rescales itself
     weights_file: str  # what Keras downloads for weights="imagenet"
+    # EfficientNet adds its ImageNet input scaling only for weights="imagenet": loaded from a
+    # path, the same weights would see differently scaled pixels.
+    takes_weights_path: bool = True
 
 
 BACKBONES: dict[str, BackboneSpec] = {
@@ -122,7 +133,10 @@ BACKBONES: dict[str, BackboneSpec] = {
         "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5",
     ),
     "efficientnet_b0": BackboneSpec(
-        keras.applications.EfficientNetB0, None, "efficientnetb0_notop.h5"
+        keras.applications.EfficientNetB0,
+        None,
+        "efficientnetb0_notop.h5",
+        takes_weights_path=False,
     ),
     "xception": BackboneSpec(
         keras.applications.Xception,
@@ -136,6 +150,13 @@ def build_backbone(cfg: FeaturesConfig) -> keras.Model:
     """The backbone's convolutional base with its own `preprocess_input`, taking 0-255 RGB."""
     spec = BACKBONES[cfg.backbone]
     weights = resolve_weights(cfg.weights)
+    if weights not in (None, "imagenet") and not spec.takes_weights_path:
+        raise WeightsUnavailableError(
+            f"{cfg.backbone} loads ImageNet weights only through features.weights: imagenet "
+            "(Keras adds its input scaling only then). Copy the file to "
+            f"~/.keras/models/{spec.weights_file}, where Keras looks before downloading, "
+            "and set features.weights: imagenet."
+        )
     try:
         base = spec.build(include_top=False, weights=weights, input_shape=(*cfg.image_size, 3))
     except Exception as error:  # Keras raises several types for a failed fetch or a bad file
@@ -152,14 +173,19 @@ def build_backbone(cfg: FeaturesConfig) -> keras.Model:
 
 
 def weights_help(cfg: FeaturesConfig, error: Exception) -> str:
-    name, file = cfg.backbone, BACKBONES[cfg.backbone].weights_file
+    name, spec = cfg.backbone, BACKBONES[cfg.backbone]
     if cfg.weights == "imagenet":
+        use_it = (
+            "set\n    features.weights to its path "
+            "(dvc exp run -S features.weights=/path/to/file.h5)"
+            if spec.takes_weights_path
+            else "copy it\n    to ~/.keras/models/, where Keras looks before downloading"
+        )
         return (
             f"Could not download the {name} ImageNet weights ({type(error).__name__}: {error}).\n"
             "Fixes:\n"
             "  - connect to the internet once: Keras caches the file in ~/.keras/models/;\n"
-            f"  - or download {file} elsewhere and set\n"
-            "    features.weights to its path (dvc exp run -S features.weights=/path/to/file.h5);\n"
+            f"  - or download {spec.weights_file} elsewhere and {use_it};\n"
             "  - or, for a smoke run that needs no download, set features.weights to none\n"
             "    (random weights: the pipeline runs, but the transfer model learns little)."
         )
@@ -173,7 +199,7 @@ def build_head(feature_dim: int, cfg: HeadConfig) -> keras.Model:
     x = keras.layers.Dropout(cfg.dropout)(x)
     # float32 even under a mixed-precision policy, as Keras advises for the last layer:
     # float16 keeps ~3 significant digits, too few for confident probabilities.
-    outputs = keras.layers.Dense(1, activation="sigmoid", dtype="float32", name="prob_dog")(x)
+    outputs = probability_of_dog(x)
     return compile_binary(keras.Model(inputs, outputs, name="head"), cfg)
 
 
@@ -200,21 +226,26 @@ def unfreeze_top(backbone: keras.Model, layers: int) -> list[str]:
     return [layer.name for layer in weighted[-layers:] if layer.trainable]
 
 
-def rebuild_with_weights(saved: keras.Model, built: keras.Model) -> keras.Model:
-    """`built`, made afresh in this process, holding `saved`'s weights.
+def in_current_precision(saved: keras.Model) -> keras.Model:
+    """A copy of `saved`, same layers and weights, computing in this process's dtype policy.
 
     A loaded `.keras` file keeps the dtype policy its layers were saved under (mixed_float16
-    where extract_features ran on a GPU), whatever this process's policy is. Building the
-    same architecture anew and copying the weights gives layers in this machine's precision.
+    where extract_features ran on a GPU), whatever this process's policy is. The copy is
+    cloned from the saved structure, not rebuilt from params: EfficientNet's base, for one,
+    holds a scaling layer only when built with `weights="imagenet"`. The output layer stays
+    float32, as the builders make it.
     """
-    try:
-        built.set_weights(saved.get_weights())
-    except ValueError as error:
-        raise ValueError(
-            f"the saved {saved.name} does not match the params' {built.name}: {error}. "
-            "Re-run the stages that wrote it."
-        ) from None
-    return built
+    policy = keras.mixed_precision.global_policy()
+
+    def with_policy(layer: keras.layers.Layer) -> keras.layers.Layer:
+        config = layer.get_config()
+        if "dtype" in config and not isinstance(layer, keras.layers.InputLayer):
+            config["dtype"] = "float32" if layer.name == OUTPUT_LAYER else policy
+        return layer.__class__.from_config(config)
+
+    copy = keras.models.clone_model(saved, clone_function=with_policy, recursive=True)
+    copy.set_weights(saved.get_weights())
+    return copy
 
 
 def build_finetune_model(

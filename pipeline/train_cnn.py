@@ -30,6 +30,7 @@ def main() -> None:
     validation = list_split(paths.split / "validation")
     if not train or not validation:
         sys.exit("train_cnn: no training or validation images; run the split stage first")
+    plan.exit_if_too_few("train_cnn", training=len(train), validation=len(validation))
     reports = paths.reports.train_cnn
     keras.utils.set_random_seed(seed)
     batch_size = plan.global_batch_size(params.batch_size)

@@ -17,7 +17,7 @@ import tensorflow as tf
 
 from pipeline import devices, tracking
 from pipeline.config import load_config_or_exit
-from pipeline.datasets import short_last_batch
+from pipeline.datasets import left_out_of_last_batch
 from pipeline.extract_features import load_features
 from pipeline.images import LabeledImage
 from pipeline.models import build_head, compose_transfer
@@ -31,11 +31,11 @@ def feature_dataset(
     shuffle_seed: int | None = None,
     replicas: int = 1,
 ):
-    """Batches of `(features, labels)`; with several replicas, see `short_last_batch`."""
+    """Batches of `(features, labels)`; with several replicas, see `left_out_of_last_batch`."""
     dataset = tf.data.Dataset.from_tensor_slices((features, labels.astype(np.float32)))
     if shuffle_seed is not None:
         dataset = dataset.shuffle(len(labels), seed=shuffle_seed, reshuffle_each_iteration=True)
-    left_out = short_last_batch(len(labels), batch_size, replicas)
+    left_out = left_out_of_last_batch(len(labels), batch_size, replicas)
     if left_out:
         dataset = dataset.take(len(labels) - left_out)
     return dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)
@@ -54,6 +54,7 @@ def main() -> None:
         val_x, val_y, val_files = load_features(paths.features / "validation.npz")
     except FileNotFoundError as error:
         sys.exit(f"train_head: {error.filename} is missing; run the extract_features stage first")
+    plan.exit_if_too_few("train_head", training=len(train_y), validation=len(val_y))
     reports = paths.reports.train_head
     keras.utils.set_random_seed(seed)
     batch_size = plan.global_batch_size(params.batch_size)

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.datasets import image_dataset, short_last_batch, training_datasets
+from pipeline.datasets import image_dataset, left_out_of_last_batch, training_datasets
 from pipeline.images import LabeledImage
 from tests.conftest import write_kaggle_tree
 
@@ -84,14 +84,35 @@ def test_load_image_matches_an_antialiased_resize_whether_it_shrinks_or_grows(
     np.testing.assert_allclose(load_image(str(path), SIZE).numpy(), expected, atol=1e-3)
 
 
+def shares(examples: int, replicas: int) -> list[int]:
+    """How TensorFlow splits a batch: ceil(n / replicas) to each replica in turn."""
+    each = -(-examples // replicas)
+    return [min(each, max(examples - i * each, 0)) for i in range(replicas)]
+
+
 @pytest.mark.parametrize(
-    ("count", "batch", "replicas", "short"),
-    [(9, 8, 1, 0), (9, 8, 2, 1), (10, 8, 2, 0), (8, 8, 2, 0), (3, 8, 4, 3), (1, 8, 2, 1)],
+    ("count", "batch", "replicas", "left_out"),
+    [
+        (9, 8, 1, 0),
+        (16, 8, 2, 0),
+        (9, 8, 2, 1),
+        (10, 8, 2, 0),
+        (1, 8, 2, 1),
+        (3, 8, 4, 3),
+        (21, 16, 4, 1),  # 5: 2, 2, 1, 0
+        (22, 16, 4, 2),  # 6: 2, 2, 2, 0
+        (25, 16, 4, 1),  # 9: 3, 3, 3, 0
+        (23, 16, 4, 0),  # 7: 2, 2, 2, 1
+        (19, 16, 3, 0),  # 3: 1, 1, 1
+        (20, 16, 3, 1),  # 4: 2, 2, 0
+    ],
 )
-def test_a_last_batch_is_short_only_when_some_replica_would_get_nothing(
-    count: int, batch: int, replicas: int, short: int
+def test_the_last_batch_leaves_no_replica_without_an_example(
+    count: int, batch: int, replicas: int, left_out: int
 ) -> None:
-    assert short_last_batch(count, batch, replicas) == short
+    assert left_out_of_last_batch(count, batch, replicas) == left_out
+    last = (count - left_out) % batch
+    assert last == 0 or min(shares(last, replicas)) > 0
 
 
 @pytest.mark.parametrize("cache", [False, True])

@@ -88,6 +88,13 @@ def test_a_malformed_tf_config_is_named() -> None:
         plan_compute(ComputeConfig(), [], CPU, "{worker")
 
 
+def test_a_split_smaller_than_the_replica_count_is_refused() -> None:
+    plan = plan_compute(ComputeConfig(), TWO_GPUS, CPU)
+    plan.exit_if_too_few("train_head", training=9, validation=2)
+    with pytest.raises(SystemExit, match=r"train_head: 1 validation examples .* 2 replicas"):
+        plan.exit_if_too_few("train_head", training=9, validation=1)
+
+
 def test_importing_devices_does_not_load_tensorflow() -> None:
     code = "import sys, pipeline.devices; sys.exit('tensorflow' in sys.modules)"
     subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, check=True, timeout=60)
@@ -195,6 +202,52 @@ def test_the_training_stages_run_on_two_replicas_and_save_and_log_once(tmp_path:
         assert params["compute.used_device"] == "cpu" and params["compute.device"] == "auto"
     logged = client.search_logged_models(experiment_ids=[experiment.experiment_id])
     assert sorted(model.name for model in logged) == ["cnn", "finetuned", "transfer"]
+
+
+# 21 images in global batches of 16 on four replicas: a last batch of 5, split 2, 2, 1, 0.
+FOUR_REPLICAS = """
+import sys
+from pathlib import Path
+
+import tensorflow as tf
+
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 4)
+import keras
+
+from pipeline.datasets import image_dataset
+from pipeline.images import LabeledImage
+
+strategy = tf.distribute.MirroredStrategy([d.name for d in tf.config.list_logical_devices("CPU")])
+with strategy.scope():
+    model = keras.Sequential([
+        keras.Input((32, 32, 3)), keras.layers.Conv2D(4, 3), keras.layers.MaxPooling2D(),
+        keras.layers.Flatten(), keras.layers.Dense(1, activation="sigmoid"),
+    ])
+    model.compile("adam", "binary_crossentropy")
+images = [LabeledImage(Path(p), i % 2) for i, p in enumerate(sorted(sys.argv[1:]))]
+data = image_dataset(images, (32, 32), 16, shuffle_seed=0, replicas=4)
+model.fit(data, validation_data=data, epochs=1, verbose=0)
+print("batches:", [len(y) for _, y in data.as_numpy_iterator()])
+"""
+
+
+def test_a_last_batch_split_unevenly_over_four_replicas_trains(tmp_path: Path) -> None:
+    paths = []
+    for n in range(21):
+        paths.append(tmp_path / f"{n}.jpg")
+        paths[-1].write_bytes(jpeg_bytes(photo(n % 2, n, (32, 32))))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TF_")}
+    env.update(PYTHONPATH=str(REPO_ROOT), TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="")
+    result = subprocess.run(
+        [sys.executable, "-c", FOUR_REPLICAS, *map(str, paths)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "batches: [16, 4]" in result.stdout  # one image of 21 left out
 
 
 def test_a_stage_started_as_one_worker_of_a_cluster_exits_and_writes_nothing(tmp_path, monkeypatch):

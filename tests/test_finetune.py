@@ -13,7 +13,7 @@ from pipeline.models import (
     build_backbone,
     build_finetune_model,
     build_head,
-    rebuild_with_weights,
+    in_current_precision,
     unfreeze_top,
 )
 from tests.conftest import REPO_ROOT, set_params, tiny_config
@@ -94,21 +94,48 @@ def dtype_policies(model: keras.Model) -> set[str]:
     return names
 
 
-def test_a_rebuilt_backbone_takes_this_machines_precision_and_keeps_its_weights(tmp_path):
-    keras.mixed_precision.set_global_policy("mixed_bfloat16")  # as if extracted elsewhere
+def saved_under(policy: str, model: keras.Model, path: Path) -> keras.Model:
+    """`model` as saved by a stage that ran under `policy`, loaded back in float32."""
+    keras.mixed_precision.set_global_policy(policy)
     try:
-        build_backbone(FEATURES).save(tmp_path / "backbone.keras")
+        model().save(path)
     finally:
         keras.mixed_precision.set_global_policy("float32")
-    saved = keras.models.load_model(tmp_path / "backbone.keras")
+    return keras.models.load_model(path, compile=False)
+
+
+@pytest.mark.parametrize("backbone", ["vgg16", "mobilenet_v2"])
+def test_a_copy_computes_in_this_machines_precision_with_the_same_weights(tmp_path, backbone):
+    cfg = FEATURES.model_copy(update={"backbone": backbone})
+    saved = saved_under("mixed_bfloat16", lambda: build_backbone(cfg), tmp_path / "b.keras")
     assert "mixed_bfloat16" in dtype_policies(saved)  # loading keeps the saved precision
-    rebuilt = rebuild_with_weights(saved, build_backbone(FEATURES))
-    assert dtype_policies(rebuilt) == {"float32"}
-    for ours, theirs in zip(rebuilt.get_weights(), saved.get_weights(), strict=True):
+    copy = in_current_precision(saved)
+    assert dtype_policies(copy) == {"float32"}
+    assert len(copy.layers) == len(saved.layers)
+    for ours, theirs in zip(copy.get_weights(), saved.get_weights(), strict=True):
         np.testing.assert_array_equal(ours, theirs)
+    images = np.random.default_rng(0).uniform(0, 255, (2, 32, 32, 3)).astype("float32")
+    np.testing.assert_allclose(copy(images), saved(images), rtol=0.05, atol=0.05)
 
 
-def test_rebuilding_from_a_model_of_other_params_is_refused() -> None:
-    saved = build_head(8, HEAD)
-    with pytest.raises(ValueError, match=r"does not match the params' head.*Re-run"):
-        rebuild_with_weights(saved, build_head(8, HEAD.model_copy(update={"units": 5})))
+def test_the_copy_of_a_head_keeps_its_output_in_float32_under_mixed_precision(tmp_path):
+    saved = saved_under("float32", lambda: build_head(8, HEAD), tmp_path / "head.keras")
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    try:
+        copy = in_current_precision(saved)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    policies = {layer.name: layer.dtype_policy.name for layer in copy.layers}
+    assert policies.pop("prob_dog") == "float32"
+    assert set(policies.values()) == {"mixed_bfloat16"}
+
+
+def test_batch_norm_of_a_copied_backbone_stays_frozen_in_finetuning(tmp_path) -> None:
+    cfg = FEATURES.model_copy(update={"backbone": "mobilenet_v2", "pooling": "avg"})
+    saved = saved_under("float32", lambda: build_backbone(cfg), tmp_path / "b.keras")
+    model, _ = build_finetune_model(in_current_precision(saved), build_head(1280, HEAD), FINETUNE)
+    norms = [w for w in model.non_trainable_weights if "moving_mean" in w.path]
+    before = [np.array(w) for w in norms]
+    images = np.random.default_rng(0).uniform(0, 255, (4, 32, 32, 3)).astype("float32")
+    model.train_on_batch(images, np.array([0, 1, 0, 1], "float32"))
+    assert norms and all(np.array_equal(np.array(w), b) for w, b in zip(norms, before, strict=True))

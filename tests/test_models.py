@@ -80,6 +80,14 @@ def test_missing_weights_file_is_a_clear_error(tmp_path: Path) -> None:
         build_backbone(cfg)
 
 
+def test_efficientnet_weights_from_a_path_are_refused_with_the_way_that_works(tmp_path) -> None:
+    weights = tmp_path / "efficientnetb0_notop.h5"
+    weights.write_bytes(b"not read")
+    cfg = FEATURES.model_copy(update={"backbone": "efficientnet_b0", "weights": str(weights)})
+    with pytest.raises(WeightsUnavailableError, match=r"~/\.keras/models/efficientnetb0_notop"):
+        build_backbone(cfg)
+
+
 def test_failed_imagenet_download_names_the_fixes(monkeypatch) -> None:
     def offline(*args, **kwargs):
         raise Exception("URL fetch failure on https://storage.googleapis.com/...: None")
