@@ -53,8 +53,8 @@ def extract_chunks(
     progress = keras.utils.Progbar(len(images), unit_name="image")
     for start in range(0, len(images), EXTRACT_CHUNK):
         chunk = images[start : start + EXTRACT_CHUNK]
-        short = left_out_of_last_batch(len(chunk), cfg.batch_size, replicas)
-        padded = chunk + [chunk[-1]] * (replicas - short if short else 0)
+        left_out = left_out_of_last_batch(len(chunk), cfg.batch_size, replicas)
+        padded = chunk + [chunk[-1]] * (replicas - left_out if left_out else 0)
         dataset = image_dataset(padded, cfg.image_size, cfg.batch_size).map(lambda x, _y: x)
         features = backbone.predict(dataset, verbose=0)[: len(chunk)]
         progress.add(len(chunk))

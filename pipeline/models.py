@@ -47,7 +47,9 @@ OUTPUT_LAYER = "prob_dog"
 
 
 def probability_of_dog(x):
-    """The output layer: float32 whatever the policy, so mixed precision keeps its loss exact."""
+    """The sigmoid output, float32 even under a mixed-precision policy, as Keras advises for
+    the last layer: float16 keeps ~3 significant digits, too few for confident probabilities.
+    """
     return keras.layers.Dense(1, activation="sigmoid", dtype="float32", name=OUTPUT_LAYER)(x)
 
 
@@ -65,8 +67,6 @@ def build_cnn(cfg: TrainCnnConfig) -> keras.Model:
     for units in cfg.dense_units:
         x = keras.layers.Dense(units, activation="relu")(x)
         x = keras.layers.Dropout(cfg.dropout)(x)
-    # float32 even under a mixed-precision policy, as Keras advises for the last layer:
-    # float16 keeps ~3 significant digits, too few for confident probabilities.
     outputs = probability_of_dog(x)
     return compile_binary(keras.Model(inputs, outputs, name="cnn"), cfg)
 
@@ -197,8 +197,6 @@ def build_head(feature_dim: int, cfg: HeadConfig) -> keras.Model:
     inputs = keras.Input(shape=(feature_dim,), name="features")
     x = keras.layers.Dense(cfg.units, activation="relu")(inputs)
     x = keras.layers.Dropout(cfg.dropout)(x)
-    # float32 even under a mixed-precision policy, as Keras advises for the last layer:
-    # float16 keeps ~3 significant digits, too few for confident probabilities.
     outputs = probability_of_dog(x)
     return compile_binary(keras.Model(inputs, outputs, name="head"), cfg)
 
