@@ -1,9 +1,10 @@
 """Disk used by a full run, against the raw archive, and how long `dvc status` takes.
 
 A throwaway `tests.pipeline_copy.PipelineCopy` runs `dvc repro` from scratch with the tests'
-small models but the configured image sizes for `augment` and `features` (they decide the
-bytes written: stored variants and flattened VGG16 features) and `finetune.enabled` as
-configured (another VGG16-sized model when on). Then: bytes under `data/`, `models/` and
+small models but the configured `split` fractions and image sizes for `augment` and
+`features` (they decide the bytes written: how many variants are stored, at what size, and
+flattened VGG16 features) and `finetune.enabled` as configured (another VGG16-sized model
+when on). Then: bytes under `data/`, `models/` and
 `.dvc/cache` (apparent, and on disk counting a hard-linked file once), each as a ratio to
 the `--images` archive, and `dvc status` wall time, with the repository's `cache.type`
 (`hardlink,copy`: the workspace and the cache share each file; with `reflink` first, DVC
@@ -12,12 +13,19 @@ the `--images` archive, and `dvc status` wall time, with the repository's `cache
 filesystem has no reflinks, two copies of every output. `--repo DIR` measures an existing
 repository where the pipeline ran instead (read only: no relink).
 
-    python -m bench.disk [--images DIR_OR_ZIP] [--out bench/results] [--quick] [--repo DIR]
+The ratio depends on how large the JPEGs are against what the pipeline writes per image.
+`--resize 404x360` re-encodes the images first (JPEG quality 90) to Kaggle's mean size,
+about 22 KB a file where the sample's are 3.8 KB: a stand-in for the real archive, whose
+ratio is then measured against the re-encoded archive.
+
+    python -m bench.disk [--images DIR_OR_ZIP] [--resize WxH] [--out bench/results] [--quick]
+                         [--repo DIR]
 """
 
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -29,6 +37,7 @@ DATA_PARTS = ("data/raw", "data/split", "data/augmented", "data/features", "mode
 TRACKING_PARTS = ("mlartifacts", "mlflow.db")
 CACHE = ".dvc/cache"
 DISK_TARGET = 2.0
+RESIZED_QUALITY = 90  # re-encoded Kaggle-sized images average 23.8 KB, the real ones 22 KB
 
 
 def usage(path: Path, seen: set[tuple[int, int]]) -> dict[str, int]:
@@ -62,6 +71,40 @@ def measure(root: Path) -> dict[str, dict[str, int]]:
     return parts
 
 
+def resized_archive(source: Path, size: str, workdir: Path) -> Path:
+    """The images of `source` re-encoded at `size` ("WIDTHxHEIGHT") into a stored zip."""
+    import io
+    import zipfile
+
+    from PIL import Image
+
+    from bench.common import prepare_images
+
+    width, height = (int(side) for side in size.lower().split("x"))
+    target = workdir / f"resized-{width}x{height}.zip"
+    with zipfile.ZipFile(target, "w", zipfile.ZIP_STORED) as archive:
+        for image in prepare_images(source, workdir / "original"):
+            with Image.open(image.path) as opened:
+                resized = opened.convert("RGB").resize((width, height), Image.Resampling.BICUBIC)
+            encoded = io.BytesIO()
+            resized.save(encoded, "JPEG", quality=RESIZED_QUALITY)
+            name = f"{'dog' if image.label else 'cat'}.{image.path.stem.split('.')[-1]}.jpg"
+            archive.writestr(f"train/{name}", encoded.getvalue())
+    return target
+
+
+def image_count(source: Path) -> int | None:
+    """Files in a folder or zip; None for a tar, which would need reading through."""
+    import zipfile
+
+    if source.is_dir():
+        return sum(1 for p in source.rglob("*") if p.is_file())
+    if zipfile.is_zipfile(source):
+        with zipfile.ZipFile(source) as archive:
+            return sum(not name.endswith("/") for name in archive.namelist())
+    return None
+
+
 def first_file_writable(folder: Path) -> bool | None:
     """Whether outputs stay writable (DVC makes linked outputs read-only to protect its cache)."""
     found = next((p for p in folder.rglob("*") if p.is_file()), None)
@@ -81,17 +124,35 @@ def main(argv: Sequence[str] | None = None) -> Path:
     parser.add_argument("--repo", type=Path, help="measure this repository instead of a copy")
     parser.add_argument("--repeats", type=int, default=3, help="dvc status runs (default 3)")
     parser.add_argument("--workdir", type=Path, help="where to make the copy (default: temp)")
+    parser.add_argument(
+        "--resize",
+        metavar="WxH",
+        help="re-encode the images at this size first (404x360: Kaggle's mean) and measure "
+        "against that archive",
+    )
     args = parser.parse_args(argv)
+    if args.resize and args.repo:
+        parser.error("--resize makes its own copy; it does not apply to --repo")
+    if args.resize and not re.fullmatch(r"[1-9]\d*x[1-9]\d*", args.resize.lower()):
+        parser.error(f"--resize {args.resize}: expected WIDTHxHEIGHT, such as 404x360")
 
     from tests.pipeline_copy import TINY_PARAMS, PipelineCopy, clean_env
 
     report = Report("disk", "Disk use of a full run, and dvc status time", args.quick)
     images = args.images.expanduser().resolve()
+    scratch = None
+    if args.resize:
+        scratch = tempfile.TemporaryDirectory(prefix="bench-disk-images-", dir=args.workdir)
+        images = resized_archive(images, args.resize, Path(scratch.name))
     archive_bytes = path_bytes(images)
+    count = image_count(images)
+    mean_image_bytes = archive_bytes / count if count else None
     configured = repo_config()
     overrides = {}
-    if not args.quick:  # the sizes that decide the bytes, and fine-tuning on or off, as configured
+    if not args.quick:  # what decides the bytes, and fine-tuning on or off, as configured
         overrides = {
+            # The training split's size sets how many augmented variants are written.
+            "split": configured.split.model_dump(mode="json"),
             "augment": {"variants": 1, "image_size": list(configured.augment.image_size)},
             "features": {"weights": "none"},
             "finetune": {"enabled": configured.finetune.enabled, "epochs": 1},
@@ -123,8 +184,9 @@ def main(argv: Sequence[str] | None = None) -> Path:
                 "split_files_writable": first_file_writable(root / "data" / "split"),
             }
     finally:
-        if holder is not None:
-            holder.cleanup()
+        for folder in (holder, scratch):
+            if folder is not None:
+                folder.cleanup()
 
     rows = []
     for name, state in states.items():
@@ -144,7 +206,9 @@ def main(argv: Sequence[str] | None = None) -> Path:
             )
     first, *rest = states.values()
     report.settings = {
-        "images": str(images),
+        "images": str(args.images),
+        "resized_to": args.resize,
+        "mean_image_bytes": mean_image_bytes,
         "repo": str(args.repo) if args.repo else "throwaway copy",
         "params": {**TINY_PARAMS, **overrides} if not args.repo else "as in the repository",
         "status_repeats": args.repeats,
@@ -168,8 +232,11 @@ def main(argv: Sequence[str] | None = None) -> Path:
         report.results["comparison_total_on_disk_to_archive"] = rest[0]["usage"]["total"][
             "ratio_on_disk_to_archive"
         ]
+    archive = f"{archive_bytes / 2**20:.1f} MiB, {images.name}"
+    if mean_image_bytes:
+        archive += f", {mean_image_bytes / 1024:.1f} KiB an image"
     report.table(
-        f"Bytes against the raw archive ({archive_bytes / 2**20:.1f} MiB, {images.name}); "
+        f"Bytes against the raw archive ({archive}); "
         "on disk counts each hard-linked file once, the cache row only what the workspace "
         "does not already hold; total is data/, models/, reports/ and the cache "
         "(MLflow's store listed after it)",

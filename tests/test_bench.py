@@ -152,3 +152,23 @@ def test_the_fastest_run_counts_and_the_highest_peak() -> None:
         "returncode": 0,
         "all_seconds": [9.0, 7.0, 8.0],
     }
+
+
+def test_disk_resizes_the_images_into_a_kaggle_layout_zip(tiny_zip: Path, tmp_path: Path) -> None:
+    import zipfile
+
+    from PIL import Image
+
+    resized = disk.resized_archive(tiny_zip, "40x30", tmp_path)
+    with zipfile.ZipFile(tiny_zip) as original, zipfile.ZipFile(resized) as archive:
+        names = archive.namelist()
+        assert len(names) == len([n for n in original.namelist() if not n.endswith("/")])
+        assert {name.split("/")[1].split(".")[0] for name in names} == {"cat", "dog"}
+        with Image.open(archive.open(names[0])) as image:
+            assert image.size == (40, 30) and image.format == "JPEG"
+    assert disk.image_count(resized) == len(names)
+
+
+def test_disk_refuses_a_resize_it_cannot_read(tiny_zip: Path, tmp_path: Path) -> None:
+    with pytest.raises(SystemExit):
+        disk.main(["--quick", "--images", str(tiny_zip), "--resize", "40by30"])
