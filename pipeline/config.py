@@ -161,6 +161,7 @@ class FeaturesConfig(Section):
     batch_size: PositiveInt
     include_augmented: bool
     dtype: Literal["float16", "float32"]
+    compress: bool
 
     @field_validator("weights")
     @classmethod

@@ -33,6 +33,20 @@ def test_saved_chunks_load_back_as_one_array_with_labels_and_files(tmp_path: Pat
         assert set(ours.files) == set(expected.files)
 
 
+def test_compressed_features_are_smaller_and_load_the_same(tmp_path: Path) -> None:
+    images = labeled([tmp_path / f"cat.{n}.jpg" for n in range(50)])
+    rng = np.random.default_rng(0)
+    # Like post-ReLU activations: non-negative, many exact zeros.
+    features = np.maximum(rng.normal(size=(50, 512)), 0).astype(np.float32)
+    save_features(tmp_path / "plain.npz", [features], 512, images, "float16")
+    save_features(tmp_path / "deflated.npz", [features], 512, images, "float16", compress=True)
+
+    plain, deflated = tmp_path / "plain.npz", tmp_path / "deflated.npz"
+    assert deflated.stat().st_size < 0.8 * plain.stat().st_size
+    for got, expected in zip(load_features(deflated), load_features(plain), strict=True):
+        np.testing.assert_array_equal(got, expected)
+
+
 def test_save_refuses_fewer_rows_than_images(tmp_path: Path) -> None:
     images = labeled([tmp_path / "cat.0.jpg", tmp_path / "dog.0.jpg"])
     with pytest.raises(ValueError, match="1 feature rows for 2 images"):
