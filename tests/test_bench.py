@@ -88,6 +88,12 @@ def test_feature_extraction_reports_real_and_plain_paths(tiny_zip: Path, tmp_pat
     )
     for policy in ("float32", "mixed_bfloat16"):
         assert_positive(*results["policies"][policy]["images_per_s"].values())
+        assert 0 <= results["policies"][policy]["head_val_accuracy"] <= 1
+    difference = results["bf16_minus_float32_head_accuracy"]
+    assert difference == pytest.approx(
+        results["policies"]["mixed_bfloat16"]["head_val_accuracy"]
+        - results["policies"]["float32"]["head_val_accuracy"]
+    )
 
 
 def test_fit_line_finds_slope_intercept_and_fit() -> None:
