@@ -246,6 +246,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
             difference,
             "reported",
             None,
+            unit=" (accuracy, 0-1)",
         )
     return report.write(args.out)
 
