@@ -53,6 +53,14 @@ def left_out_of_last_batch(count: int, batch_size: int, replicas: int) -> int:
     return remainder % replicas if per_replica * (replicas - 1) >= remainder else 0
 
 
+def splittable_over_replicas(
+    dataset: tf.data.Dataset, count: int, batch_size: int, replicas: int
+) -> tf.data.Dataset:
+    """`dataset` of `count` unbatched examples, less what `left_out_of_last_batch` leaves out."""
+    left_out = left_out_of_last_batch(count, batch_size, replicas)
+    return dataset.take(count - left_out) if left_out else dataset
+
+
 def image_dataset(
     images: Iterable[LabeledImage],
     image_size: Sequence[int],
@@ -85,9 +93,7 @@ def image_dataset(
             len(paths), seed=shuffle_seed, reshuffle_each_iteration=not cached
         )
     # Before the cache, which is only kept when an epoch reads all of it.
-    left_out = left_out_of_last_batch(len(paths), batch_size, replicas)
-    if left_out:
-        dataset = dataset.take(len(paths) - left_out)
+    dataset = splittable_over_replicas(dataset, len(paths), batch_size, replicas)
     dataset = dataset.map(
         lambda path, label: (load_image(path, size), label),
         num_parallel_calls=tf.data.AUTOTUNE,

@@ -17,7 +17,7 @@ import tensorflow as tf
 
 from pipeline import devices, tracking
 from pipeline.config import load_config_or_exit
-from pipeline.datasets import left_out_of_last_batch
+from pipeline.datasets import splittable_over_replicas
 from pipeline.extract_features import load_features
 from pipeline.images import LabeledImage
 from pipeline.models import build_head, compose_transfer
@@ -31,13 +31,11 @@ def feature_dataset(
     shuffle_seed: int | None = None,
     replicas: int = 1,
 ):
-    """Batches of `(features, labels)`; with several replicas, see `left_out_of_last_batch`."""
+    """Batches of `(features, labels)`; with several replicas, see `splittable_over_replicas`."""
     dataset = tf.data.Dataset.from_tensor_slices((features, labels.astype(np.float32)))
     if shuffle_seed is not None:
         dataset = dataset.shuffle(len(labels), seed=shuffle_seed, reshuffle_each_iteration=True)
-    left_out = left_out_of_last_batch(len(labels), batch_size, replicas)
-    if left_out:
-        dataset = dataset.take(len(labels) - left_out)
+    dataset = splittable_over_replicas(dataset, len(labels), batch_size, replicas)
     return dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)
 
 
