@@ -42,7 +42,7 @@ def finetune(cfg: Config) -> None:
     from pipeline import devices, tracking
     from pipeline.datasets import training_datasets
     from pipeline.images import list_split
-    from pipeline.models import build_finetune_model, in_current_precision
+    from pipeline.models import build_finetune_model, in_current_precision, without_optimizer
     from pipeline.training import fit, log_and_record_model, save_training_outputs
 
     plan, strategy = devices.configure_or_exit(cfg.compute)
@@ -78,13 +78,14 @@ def finetune(cfg: Config) -> None:
         tracking.log_image_inputs(train, "train", "training")
         tracking.log_image_inputs(validation, "validation", "validation")
         history = fit(model, train_data, validation_data, params)
+        trained = without_optimizer(model)
         summary = save_training_outputs(
-            model, history, paths.models.finetuned, reports, "fine-tuned backbone + head"
+            trained, history, paths.models.finetuned, reports, "fine-tuned backbone + head"
         )
         mlflow.log_metrics(dict(summary))
         mlflow.log_artifacts(str(reports), artifact_path="reports")
         example = next(iter(validation_data))[0][:1].numpy()
-        log_and_record_model(model, "finetuned", example, reports, summary)
+        log_and_record_model(trained, "finetuned", example, reports, summary)
     print(
         f"finetune: {summary['epochs_run']} epochs with {', '.join(unfrozen)} unfrozen, best "
         f"validation accuracy {summary['best_val_accuracy']:.3f}; saved {paths.models.finetuned}"

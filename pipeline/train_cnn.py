@@ -16,7 +16,7 @@ from pipeline import devices, tracking
 from pipeline.config import load_config_or_exit
 from pipeline.datasets import training_datasets
 from pipeline.images import list_split
-from pipeline.models import build_cnn
+from pipeline.models import build_cnn, without_optimizer
 from pipeline.training import fit, log_and_record_model, save_training_outputs
 
 
@@ -52,14 +52,15 @@ def main() -> None:
             tracking.log_image_inputs(train, "train", "training")
             tracking.log_image_inputs(validation, "validation", "validation")
             history = fit(model, train_data, validation_data, params)
+            trained = without_optimizer(model)
             summary = save_training_outputs(
-                model, history, paths.models.cnn, reports, "scratch CNN"
+                trained, history, paths.models.cnn, reports, "scratch CNN"
             )
             mlflow.log_metrics(dict(summary))
             mlflow.log_metrics({"train_images": len(train), "validation_images": len(validation)})
             mlflow.log_artifacts(str(reports), artifact_path="reports")
             example = next(iter(validation_data))[0][:2].numpy()
-            log_and_record_model(model, "cnn", example, reports, summary)
+            log_and_record_model(trained, "cnn", example, reports, summary)
     print(
         f"train_cnn: {summary['epochs_run']} epochs on {len(train)} images, best epoch "
         f"{summary['best_epoch']} with validation accuracy {summary['best_val_accuracy']:.3f}; "

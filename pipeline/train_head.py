@@ -20,7 +20,7 @@ from pipeline.config import load_config_or_exit
 from pipeline.datasets import splittable_over_replicas
 from pipeline.extract_features import load_features
 from pipeline.images import LabeledImage
-from pipeline.models import build_head, compose_transfer
+from pipeline.models import build_head, compose_transfer, without_optimizer
 from pipeline.training import fit, log_and_record_model, save_model, save_training_outputs
 
 
@@ -65,11 +65,12 @@ def main() -> None:
         tracking.log_image_inputs(as_images(train_files, train_y), "features/train", "training")
         tracking.log_image_inputs(as_images(val_files, val_y), "features/validation", "validation")
         history = fit(head, train_data, validation_data, params)
+        trained = without_optimizer(head)
         summary = save_training_outputs(
-            head, history, paths.models.head, reports, "VGG16 features + dense head"
+            trained, history, paths.models.head, reports, "VGG16 features + dense head"
         )
         backbone = keras.models.load_model(paths.models.backbone)
-        transfer = compose_transfer(backbone, head)
+        transfer = compose_transfer(backbone, trained)
         save_model(transfer, paths.models.transfer)
         mlflow.log_metrics(dict(summary))
         mlflow.log_metrics({"train_images": len(train_y), "validation_images": len(val_y)})

@@ -14,6 +14,7 @@ from pipeline.models import (
     caffe_preprocessing,
     compose_transfer,
     make_optimizer,
+    without_optimizer,
 )
 from tests.conftest import tiny_config
 
@@ -65,6 +66,34 @@ def test_backbone_with_random_weights_and_transfer_model_round_trip(tmp_path: Pa
     transfer.save(tmp_path / "transfer.keras")
     reloaded = keras.models.load_model(tmp_path / "transfer.keras")  # safe mode: no Lambda
     np.testing.assert_allclose(reloaded.predict(images, verbose=0), direct, rtol=1e-5)
+
+
+def test_saved_models_leave_the_optimizer_state_behind(tmp_path: Path) -> None:
+    backbone = build_backbone(FEATURES)
+    head = build_head(512, HEAD.model_copy(update={"units": 256}))  # weights >> file overhead
+    features = np.random.default_rng(2).normal(size=(16, 512)).astype("float32")
+    head.fit(features, (features[:, 0] > 0).astype("float32"), epochs=1, verbose=0)
+    assert head.optimizer.variables  # Adam's two slots per weight, built by training
+    copy = without_optimizer(head)
+    assert not copy.compiled
+    np.testing.assert_array_equal(
+        copy.predict(features, verbose=0), head.predict(features, verbose=0)
+    )
+
+    head.save(tmp_path / "compiled.keras")
+    copy.save(tmp_path / "copy.keras")
+    weights = sum(int(np.prod(w.shape)) for w in head.weights) * 4
+    assert (tmp_path / "compiled.keras").stat().st_size > 2.5 * weights
+    assert (tmp_path / "copy.keras").stat().st_size < 1.5 * weights
+
+    transfer = without_optimizer(compose_transfer(backbone, head))
+    frozen = [layer.trainable for layer in transfer.layers[1].layers]
+    assert frozen == [layer.trainable for layer in backbone.layers]  # still frozen
+    transfer.save(tmp_path / "transfer.keras")
+    reloaded = keras.models.load_model(tmp_path / "transfer.keras")
+    images = np.random.default_rng(3).uniform(0, 255, (2, 32, 32, 3)).astype("float32")
+    expected = head.predict(backbone.predict(images, verbose=0), verbose=0)
+    np.testing.assert_allclose(reloaded.predict(images, verbose=0), expected, rtol=1e-5)
 
 
 def test_avg_pooling_gives_one_value_per_channel() -> None:
