@@ -24,6 +24,7 @@ import numpy as np
 
 from pipeline import archives
 from pipeline.config import Config, load_config
+from pipeline.devices import cpu_flags, cpu_has_bf16
 from pipeline.images import LabeledImage, find_labeled_images
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -42,7 +43,6 @@ RELEVANT_FLAGS = (
     "amx_bf16",
     "amx_int8",
 )
-BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 
 
 # --- arguments ------------------------------------------------------------------------------
@@ -99,16 +99,6 @@ def _cpuinfo() -> dict[str, str]:
     return info
 
 
-def cpu_flags() -> set[str]:
-    return set(_cpuinfo().get("flags", "").split())
-
-
-def supports_bf16(flags: set[str] | None = None) -> bool:
-    """Whether the CPU has native bfloat16 arithmetic (AVX-512 BF16 or AMX)."""
-    flags = cpu_flags() if flags is None else flags
-    return any(flag in flags for flag in BF16_FLAGS)
-
-
 def _physical_cores() -> int | None:
     try:
         text = Path("/proc/cpuinfo").read_text()
@@ -155,7 +145,7 @@ def machine_info() -> dict[str, Any]:
         "cgroup_cpu_quota": _cpu_quota(),
         "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
         "cpu_flags": {flag: flag in flags for flag in RELEVANT_FLAGS},
-        "bf16_native": supports_bf16(flags),
+        "bf16_native": cpu_has_bf16(flags),
         "amx": any(flag.startswith("amx") for flag in flags),
         "tensorflow": _version("tensorflow"),
         "keras": _version("keras"),

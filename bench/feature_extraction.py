@@ -33,10 +33,10 @@ from bench.common import (
     prepare_images,
     ratio,
     repo_config,
-    supports_bf16,
     timed,
 )
 from pipeline.config import FeaturesConfig, HeadConfig
+from pipeline.devices import cpu_has_bf16
 from pipeline.images import LabeledImage
 
 TARGET_RATIO = 1.3
@@ -147,7 +147,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
     if args.quick:
         cfg = cfg.model_copy(update={"image_size": (32, 32), "batch_size": 8})
         head_cfg = head_cfg.model_copy(update={"units": 8, "epochs": 2})
-    native_bf16 = supports_bf16()
+    native_bf16 = cpu_has_bf16()
     run_bf16 = args.bf16 == "force" or (args.bf16 == "auto" and native_bf16)
 
     report = Report("feature_extraction", "VGG16 features: real path vs. plain forward", args.quick)

@@ -22,7 +22,7 @@ from pipeline.config import FeaturesConfig, load_config_or_exit
 from pipeline.datasets import image_dataset, left_out_of_last_batch
 from pipeline.files import atomic_dir, write_json
 from pipeline.images import SPLITS, LabeledImage, list_split
-from pipeline.models import WeightsUnavailableError, build_backbone
+from pipeline.models import WeightsUnavailableError, build_backbone, for_inference
 from pipeline.training import save_model
 
 
@@ -164,7 +164,7 @@ def main() -> None:
         except ValueError as error:  # the previous features stay in place
             mlflow.set_tag("error", str(error))
             sys.exit(f"extract_features: {error}")
-        save_model(backbone, paths.models.backbone)
+        save_model(for_inference(backbone), paths.models.backbone)
         summary = {"images": counts, "feature_dim": dim, "dtype": params.dtype}
         write_json(paths.reports.extract_features / "summary.json", summary)
         mlflow.log_metrics({f"{split}_images": n for split, n in counts.items()})

@@ -42,7 +42,7 @@ def finetune(cfg: Config) -> None:
     from pipeline import devices, tracking
     from pipeline.datasets import training_datasets
     from pipeline.images import list_split
-    from pipeline.models import build_finetune_model, in_current_precision, without_optimizer
+    from pipeline.models import build_finetune_model, for_inference, in_current_precision
     from pipeline.training import fit, log_and_record_model, save_training_outputs
 
     plan, strategy = devices.configure_or_exit(cfg.compute)
@@ -78,7 +78,7 @@ def finetune(cfg: Config) -> None:
         tracking.log_image_inputs(train, "train", "training")
         tracking.log_image_inputs(validation, "validation", "validation")
         history = fit(model, train_data, validation_data, params)
-        trained = without_optimizer(model)
+        trained = for_inference(model)
         summary = save_training_outputs(
             trained, history, paths.models.finetuned, reports, "fine-tuned backbone + head"
         )

@@ -227,13 +227,32 @@ def unfreeze_top(backbone: keras.Model, layers: int) -> list[str]:
 def in_current_precision(saved: keras.Model) -> keras.Model:
     """A copy of `saved`, same layers and weights, computing in this process's dtype policy.
 
-    A loaded `.keras` file keeps the dtype policy its layers were saved under (mixed_float16
-    where extract_features ran on a GPU), whatever this process's policy is. The copy is
-    cloned from the saved structure, not rebuilt from params: EfficientNet's base, for one,
-    holds a scaling layer only when built with `weights="imagenet"`. The output layer stays
-    float32, as the builders make it.
+    A loaded `.keras` file keeps the dtype policy its layers were saved under, whatever this
+    process's policy is. The copy is cloned from the saved structure, not rebuilt from
+    params: EfficientNet's base, for one, holds a scaling layer only when built with
+    `weights="imagenet"`. The output layer stays float32, as the builders make it.
     """
-    policy = keras.mixed_precision.global_policy()
+    return copy_under_policy(saved, keras.mixed_precision.global_policy())
+
+
+def for_inference(trained: keras.Model) -> keras.Model:
+    """An uncompiled float32 copy of `trained`: what the stages save and log.
+
+    Float32 because a saved model runs under the policy it was saved with, wherever it is
+    loaded: one trained under mixed precision (a GPU, or a CPU with native bfloat16) would
+    crawl through emulated float16 or bfloat16 on a laptop without them. Its weights are
+    float32 either way. Uncompiled because a compiled model's file also holds the
+    optimizer's state, two more values per weight for Adam (the head's file: 25 MB instead
+    of 8.4), and no stage resumes training from a saved model: finetune compiles its own.
+    """
+    # A new model over the same layers is uncompiled; `clone_model` compiles its copy like
+    # the original.
+    uncompiled = keras.Model(trained.inputs, trained.outputs, name=trained.name)
+    return copy_under_policy(uncompiled, "float32")
+
+
+def copy_under_policy(model: keras.Model, policy: str | keras.DTypePolicy) -> keras.Model:
+    """`model`'s layers and weights, computing under `policy` but for the float32 output."""
 
     def with_policy(layer: keras.layers.Layer) -> keras.layers.Layer:
         config = layer.get_config()
@@ -241,24 +260,18 @@ def in_current_precision(saved: keras.Model) -> keras.Model:
             config["dtype"] = "float32" if layer.name == OUTPUT_LAYER else policy
         return layer.__class__.from_config(config)
 
-    copy = keras.models.clone_model(saved, clone_function=with_policy, recursive=True)
-    copy.set_weights(saved.get_weights())
+    copy = keras.models.clone_model(model, clone_function=with_policy, recursive=True)
+    copy.set_weights(model.get_weights())
+    match_trainable(model, copy)
     return copy
 
 
-def without_optimizer(trained: keras.Model) -> keras.Model:
-    """An uncompiled copy of `trained`: the same layers, dtype policies and weights.
-
-    What the stages save and log. A compiled model's `.keras` file also holds the optimizer's
-    state, and Adam keeps two more values per weight: the head's file was 25 MB instead of
-    8.4, and every model holding the head (transfer, finetuned) 17 MB heavier, in `models/`,
-    DVC's cache and MLflow's artifacts each. No stage resumes training from a saved model:
-    finetune compiles its own.
-    """
-    # From the config, not `clone_model`, which compiles the clone like the original.
-    copy = type(trained).from_config(trained.get_config())
-    copy.set_weights(trained.get_weights())
-    return copy
+def match_trainable(source: keras.layers.Layer, copy: keras.layers.Layer) -> None:
+    """Copies which layers are frozen: cloning leaves nested models (a backbone) trainable."""
+    copy.trainable = source.trainable  # first: setting a model's flag sets its layers' too
+    if isinstance(source, keras.Model):
+        for source_layer, copy_layer in zip(source.layers, copy.layers, strict=True):
+            match_trainable(source_layer, copy_layer)
 
 
 def build_finetune_model(

@@ -16,7 +16,7 @@ from pipeline import devices, tracking
 from pipeline.config import load_config_or_exit
 from pipeline.datasets import training_datasets
 from pipeline.images import list_split
-from pipeline.models import build_cnn, without_optimizer
+from pipeline.models import build_cnn, for_inference
 from pipeline.training import fit, log_and_record_model, save_training_outputs
 
 
@@ -52,7 +52,7 @@ def main() -> None:
             tracking.log_image_inputs(train, "train", "training")
             tracking.log_image_inputs(validation, "validation", "validation")
             history = fit(model, train_data, validation_data, params)
-            trained = without_optimizer(model)
+            trained = for_inference(model)
             summary = save_training_outputs(
                 trained, history, paths.models.cnn, reports, "scratch CNN"
             )

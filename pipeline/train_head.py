@@ -20,7 +20,7 @@ from pipeline.config import load_config_or_exit
 from pipeline.datasets import splittable_over_replicas
 from pipeline.extract_features import load_features
 from pipeline.images import LabeledImage
-from pipeline.models import build_head, compose_transfer, without_optimizer
+from pipeline.models import build_head, compose_transfer, for_inference
 from pipeline.training import fit, log_and_record_model, save_model, save_training_outputs
 
 
@@ -45,7 +45,7 @@ def as_images(files: np.ndarray, labels: np.ndarray) -> list[LabeledImage]:
 
 def main() -> None:
     cfg = load_config_or_exit()
-    plan, strategy = devices.configure_or_exit(cfg.compute)
+    plan, strategy = devices.configure_or_exit(cfg.compute, cpu_bfloat16_pays=False)
     params, paths, seed = cfg.head, cfg.paths, cfg.common.seed
     try:
         train_x, train_y, train_files = load_features(paths.features / "train.npz")
@@ -65,7 +65,7 @@ def main() -> None:
         tracking.log_image_inputs(as_images(train_files, train_y), "features/train", "training")
         tracking.log_image_inputs(as_images(val_files, val_y), "features/validation", "validation")
         history = fit(head, train_data, validation_data, params)
-        trained = without_optimizer(head)
+        trained = for_inference(head)
         summary = save_training_outputs(
             trained, history, paths.models.head, reports, "VGG16 features + dense head"
         )

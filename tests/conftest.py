@@ -5,12 +5,16 @@ from __future__ import annotations
 import io
 import zipfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from pipeline.config import Config, load_config
+
+if TYPE_CHECKING:
+    import keras  # imported where used: most tests need no TensorFlow
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -142,3 +146,14 @@ def tiny_config():
     for section, values in TINY_PARAMS.items():
         params[section].update(values)
     return parse_config(params)
+
+
+def dtype_policies(model: keras.Model) -> set[str]:
+    """The dtype policies of `model`'s layers, nested models' layers included."""
+    import keras
+
+    names = set()
+    for layer in model.layers:
+        names |= dtype_policies(layer) if isinstance(layer, keras.Model) else set()
+        names.add(layer.dtype_policy.name)
+    return names

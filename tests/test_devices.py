@@ -19,10 +19,10 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from pipeline.config import ComputeConfig, flatten
-from pipeline.devices import DeviceError, plan_compute
+from pipeline.devices import DeviceError, cpu_flags, cpu_has_bf16, plan_compute
 from pipeline.models import build_cnn
 from pipeline.tracking import DEFAULT_EXPERIMENT
-from tests.conftest import REPO_ROOT, jpeg_bytes, photo, tiny_config
+from tests.conftest import REPO_ROOT, dtype_policies, jpeg_bytes, photo, tiny_config
 
 CPU = ["/device:CPU:0"]
 TWO_GPUS = ["/device:GPU:0", "/device:GPU:1"]
@@ -39,6 +39,27 @@ def test_auto_without_a_gpu_is_one_cpu_replica_in_float32() -> None:
     plan = plan_compute(ComputeConfig(), [], CPU)
     assert (plan.device, plan.precision, plan.strategy) == ("cpu", "float32", "default")
     assert plan.global_batch_size(32) == 32
+
+
+def test_auto_takes_mixed_bfloat16_on_a_cpu_that_computes_it_natively() -> None:
+    assert plan_compute(ComputeConfig(), [], CPU, cpu_bf16=True).precision == "mixed_bfloat16"
+    on_gpus = plan_compute(ComputeConfig(), TWO_GPUS, CPU, cpu_bf16=True)
+    assert on_gpus.precision == "mixed_float16"
+    asked = plan_compute(ComputeConfig(precision="float32"), [], CPU, cpu_bf16=True)
+    assert asked.precision == "float32"
+
+
+def test_native_bfloat16_is_read_from_the_cpu_flags(tmp_path: Path) -> None:
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(
+        "processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: fpu avx512f avx512_bf16\n\n"
+        "processor\t: 1\nflags\t\t: fpu avx512f avx512_bf16\n"
+    )
+    assert cpu_flags(cpuinfo) == {"fpu", "avx512f", "avx512_bf16"}
+    assert cpu_has_bf16(cpu_flags(cpuinfo))
+    assert cpu_has_bf16({"amx_tile", "amx_bf16"})
+    assert not cpu_has_bf16({"avx512f", "avx512_vnni"})  # the Xeon of earlier CI runs
+    assert cpu_flags(tmp_path / "missing") == set()  # not Linux: no bfloat16 assumed
 
 
 def test_cpu_can_be_forced_on_a_gpu_machine_and_asks_for_bfloat16_explicitly() -> None:
@@ -131,7 +152,10 @@ import mlflow.keras.save
 # MLflow infers a model's pip requirements by loading it in yet another interpreter (10 s or
 # more); that is beside the point here.
 mlflow.keras.save.infer_pip_requirements = lambda path, flavor, fallback=None: fallback
-from pipeline import extract_features, finetune, train_cnn, train_head
+from pipeline import devices, extract_features, finetune, train_cnn, train_head
+
+# As on a CPU with AVX512-BF16, whatever this one has: `auto` then means mixed_bfloat16.
+devices.cpu_has_bf16 = lambda flags=None: True
 
 for stage in (train_cnn, extract_features, train_head, finetune):
     stage.main()
@@ -190,6 +214,9 @@ def test_the_training_stages_run_on_two_replicas_and_save_and_log_once(tmp_path:
     # One file per model: no copy per replica, no staging file left behind.
     models = ["backbone.keras", "cnn.keras", "finetuned.keras", "head.keras", "transfer.keras"]
     assert sorted(p.name for p in (workspace / "models").iterdir()) == models
+    # Trained in bfloat16 or not, each is saved to compute in float32 wherever it is loaded.
+    for model in models:
+        assert dtype_policies(keras.models.load_model(workspace / "models" / model)) == {"float32"}
 
     client = MlflowClient(f"sqlite:///{workspace / 'mlflow.db'}")
     experiment = client.get_experiment_by_name(DEFAULT_EXPERIMENT)
@@ -200,6 +227,9 @@ def test_the_training_stages_run_on_two_replicas_and_save_and_log_once(tmp_path:
         assert params["compute.strategy"] == "mirrored" and params["compute.replicas"] == "2"
         assert params["compute.global_batch_size"] == "8", stage
         assert params["compute.used_device"] == "cpu" and params["compute.device"] == "auto"
+        # The head gains nothing from bfloat16 on a CPU; the convolutional stages twice.
+        expected = "float32" if stage == "train_head" else "mixed_bfloat16"
+        assert params["compute.used_precision"] == expected, stage
     logged = client.search_logged_models(experiment_ids=[experiment.experiment_id])
     assert sorted(model.name for model in logged) == ["cnn", "finetuned", "transfer"]
 

@@ -16,7 +16,7 @@ from pipeline.models import (
     in_current_precision,
     unfreeze_top,
 )
-from tests.conftest import REPO_ROOT, set_params, tiny_config
+from tests.conftest import REPO_ROOT, dtype_policies, set_params, tiny_config
 
 FEATURES = tiny_config().features
 HEAD = tiny_config().head.model_copy(update={"units": 4})
@@ -83,15 +83,6 @@ def test_a_disabled_stage_hands_on_the_transfer_model_without_importing_tensorfl
     assert json.loads((reports / "metrics.json").read_text()) == {"enabled": False}
     assert (reports / "history.csv").read_text().splitlines() == ["epoch"]
     assert (reports / "history.png").stat().st_size > 0
-
-
-def dtype_policies(model: keras.Model) -> set[str]:
-    """The dtype policies of `model`'s layers, nested models' layers included."""
-    names = set()
-    for layer in model.layers:
-        names |= dtype_policies(layer) if isinstance(layer, keras.Model) else set()
-        names.add(layer.dtype_policy.name)
-    return names
 
 
 def saved_under(policy: str, model: keras.Model, path: Path) -> keras.Model:

@@ -13,8 +13,8 @@ from pipeline.models import (
     build_head,
     caffe_preprocessing,
     compose_transfer,
+    for_inference,
     make_optimizer,
-    without_optimizer,
 )
 from tests.conftest import tiny_config
 
@@ -74,7 +74,7 @@ def test_saved_models_leave_the_optimizer_state_behind(tmp_path: Path) -> None:
     features = np.random.default_rng(2).normal(size=(16, 512)).astype("float32")
     head.fit(features, (features[:, 0] > 0).astype("float32"), epochs=1, verbose=0)
     assert head.optimizer.variables  # Adam's two slots per weight, built by training
-    copy = without_optimizer(head)
+    copy = for_inference(head)
     assert not copy.compiled
     np.testing.assert_array_equal(
         copy.predict(features, verbose=0), head.predict(features, verbose=0)
@@ -86,7 +86,7 @@ def test_saved_models_leave_the_optimizer_state_behind(tmp_path: Path) -> None:
     assert (tmp_path / "compiled.keras").stat().st_size > 2.5 * weights
     assert (tmp_path / "copy.keras").stat().st_size < 1.5 * weights
 
-    transfer = without_optimizer(compose_transfer(backbone, head))
+    transfer = for_inference(compose_transfer(backbone, head))
     frozen = [layer.trainable for layer in transfer.layers[1].layers]
     assert frozen == [layer.trainable for layer in backbone.layers]  # still frozen
     transfer.save(tmp_path / "transfer.keras")
@@ -94,6 +94,23 @@ def test_saved_models_leave_the_optimizer_state_behind(tmp_path: Path) -> None:
     images = np.random.default_rng(3).uniform(0, 255, (2, 32, 32, 3)).astype("float32")
     expected = head.predict(backbone.predict(images, verbose=0), verbose=0)
     np.testing.assert_allclose(reloaded.predict(images, verbose=0), expected, rtol=1e-5)
+
+
+def test_a_model_trained_under_mixed_precision_is_saved_in_float32(tmp_path: Path) -> None:
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    try:
+        cnn = build_cnn(CNN)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    assert {layer.compute_dtype for layer in cnn.layers[2:-1]} == {"bfloat16"}
+    copy = for_inference(cnn)
+    copy.save(tmp_path / "cnn.keras")
+    reloaded = keras.models.load_model(tmp_path / "cnn.keras")
+    assert {layer.compute_dtype for layer in reloaded.layers} == {"float32"}
+    images = np.random.default_rng(4).uniform(0, 255, (2, 32, 32, 3)).astype("float32")
+    np.testing.assert_allclose(
+        reloaded.predict(images, verbose=0), cnn.predict(images, verbose=0), atol=0.02
+    )
 
 
 def test_avg_pooling_gives_one_value_per_channel() -> None:
