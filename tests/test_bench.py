@@ -13,7 +13,15 @@ from typing import Any
 
 import pytest
 
-from bench import disk, feature_extraction, incremental, input_pipeline, memory, training_step
+from bench import (
+    disk,
+    feature_extraction,
+    incremental,
+    input_pipeline,
+    memory,
+    precision,
+    training_step,
+)
 from bench.common import dvc_stages, write_synthetic_images
 from bench.memory import fastest_run, fit_line
 from tests.conftest import zip_tree
@@ -143,6 +151,34 @@ def test_memory_reports_each_stage(tmp_path: Path) -> None:
     for stage in results["stages"].values():
         assert_positive(*stage["peak_rss_mib"].values(), *stage["seconds"].values())
     assert_positive(results["import_floor"]["train_cnn"]["peak_rss_mib"])
+
+
+@pytest.mark.slow
+def test_precision_runs_the_stages_under_both_policies(tiny_zip: Path, tmp_path: Path) -> None:
+    # --force: measured even where the CPU would emulate bfloat16.
+    args = ["--quick", "--force", "--images", str(tiny_zip), "--out", str(tmp_path)]
+    results = load_result(precision.main(args), "precision")["results"]
+    assert set(results["runs"]) == {
+        "train_cnn, float32",
+        "train_cnn, mixed_bfloat16",
+        "extract_features, float32",
+        "extract_features, mixed_bfloat16",
+        "train_head, float32, on float32 features",
+        "train_head, float32, on mixed_bfloat16 features",
+        "train_head, mixed_bfloat16, on mixed_bfloat16 features",
+    }
+    for name, runs in results["runs"].items():
+        (run,) = runs  # one seed
+        assert_positive(run["seconds"])
+        if not name.startswith("extract_features"):
+            assert 0 <= run["val_accuracy"] <= 1 and run["val_loss"] > 0, name
+    assert_positive(*results["speedups"].values())
+
+
+def test_precision_measures_nothing_on_a_cpu_without_native_bfloat16(monkeypatch, tmp_path) -> None:
+    monkeypatch.setattr(precision, "cpu_has_bf16", lambda flags=None: False)
+    data = load_result(precision.main(["--quick", "--out", str(tmp_path)]), "precision")
+    assert data["results"] == {} and "neither AVX512-BF16 nor AMX" in data["notes"][0]
 
 
 def test_the_fastest_run_counts_and_the_highest_peak() -> None:
