@@ -8,7 +8,7 @@ stages run as their own processes, as DVC runs them, with `common.seed` and
 `compute.precision` set:
 
 - `train_cnn` under float32, then under mixed_bfloat16;
-- `extract_features` under each policy (once: the features do not depend on the seed), and
+- `extract_features` under each policy (once, at seed 0: its cost does not depend on it), and
   after each, `train_head` in float32 on those features; on the bfloat16 features also
   `train_head` under mixed_bfloat16, the choice `auto` does not make.
 

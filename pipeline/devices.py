@@ -105,8 +105,8 @@ def plan_compute(
     `auto` takes every GPU when there is one (one replica per GPU), else the CPU. Its
     precision is the fastest the hardware computes natively: mixed float16 on a GPU (tensor
     cores run it 2-3x faster than float32), mixed bfloat16 on a CPU with native bfloat16
-    (`cpu_bf16`: about 2x for VGG16 and the scratch CNN, bench.feature_extraction), else
-    float32. Float16 on a CPU is emulated and slower than float32, so it is refused there.
+    (`cpu_bf16`: about 2x for VGG16 and the scratch CNN; bench.precision), else float32.
+    Float16 on a CPU is emulated and slower than float32, so it is refused there.
     """
     if cfg.device == "gpu" and not gpus:
         raise DeviceError(
@@ -175,7 +175,7 @@ def configure(
     any other TensorFlow call. Build and compile models inside `strategy.scope()`.
     `cpu_bfloat16_pays=False` keeps `auto` at float32 on a CPU with native bfloat16: the
     convolutions run about 2x faster in bfloat16, but the dense head, bound by memory, gains
-    nothing and lost 1-2 points of validation accuracy on the sample over three seeds.
+    nothing, and its validation accuracy was lower in bfloat16 (bench.precision).
     """
     import keras
     import tensorflow as tf

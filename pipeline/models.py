@@ -246,8 +246,8 @@ def for_inference(trained: keras.Model) -> keras.Model:
     of 8.4), and no stage resumes training from a saved model: finetune compiles its own.
     """
     # A new model over the same layers is uncompiled; `clone_model` compiles its copy like
-    # the original.
-    uncompiled = keras.Model(trained.inputs, trained.outputs, name=trained.name)
+    # the original. `input`/`output`, not the lists: single-tensor models stay single-tensor.
+    uncompiled = keras.Model(trained.input, trained.output, name=trained.name)
     return copy_under_policy(uncompiled, "float32")
 
 
