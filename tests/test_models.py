@@ -63,7 +63,7 @@ def test_backbone_with_random_weights_and_transfer_model_round_trip(tmp_path: Pa
     images = np.random.default_rng(1).uniform(0, 255, (3, 32, 32, 3)).astype("float32")
     direct = head.predict(backbone.predict(images, verbose=0), verbose=0)
     np.testing.assert_allclose(transfer.predict(images, verbose=0), direct, rtol=1e-5)
-    transfer.save(tmp_path / "transfer.keras")
+    for_inference(transfer).save(tmp_path / "transfer.keras")  # as train_head saves it
     reloaded = keras.models.load_model(tmp_path / "transfer.keras")  # safe mode: no Lambda
     np.testing.assert_allclose(reloaded.predict(images, verbose=0), direct, rtol=1e-5)
 

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.models import build_cnn
+from pipeline.models import build_cnn, for_inference
 from pipeline.predict import main
 from tests.conftest import tiny_config, write_kaggle_tree
 
@@ -14,7 +14,7 @@ from tests.conftest import tiny_config, write_kaggle_tree
 def model_path(tmp_path_factory) -> Path:
     cfg = tiny_config().train_cnn.model_copy(update={"conv_filters": [4], "dense_units": [4]})
     path = tmp_path_factory.mktemp("model") / "cnn.keras"
-    build_cnn(cfg).save(path)
+    for_inference(build_cnn(cfg)).save(path)  # as train_cnn saves it
     return path
 
 
