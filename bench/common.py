@@ -24,7 +24,7 @@ import numpy as np
 
 from pipeline import archives
 from pipeline.config import Config, load_config
-from pipeline.devices import cpu_flags, cpu_has_bf16
+from pipeline.devices import cpu_flags, cpu_has_bf16, cpu_info
 from pipeline.images import LabeledImage, find_labeled_images
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -86,19 +86,6 @@ def dvc_stages(root: Path = REPO_ROOT) -> dict[str, str]:
 # --- the machine ----------------------------------------------------------------------------
 
 
-def _cpuinfo() -> dict[str, str]:
-    """The first processor's entries of /proc/cpuinfo (empty off Linux)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return {}
-    info: dict[str, str] = {}
-    for line in text.split("\n\n")[0].splitlines():
-        key, _, value = line.partition(":")
-        info[key.strip()] = value.strip()
-    return info
-
-
 def _physical_cores() -> int | None:
     try:
         text = Path("/proc/cpuinfo").read_text()
@@ -138,7 +125,7 @@ def machine_info() -> dict[str, Any]:
     flags = cpu_flags()
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return {
-        "cpu_model": _cpuinfo().get("model name", platform.processor() or "unknown"),
+        "cpu_model": cpu_info().get("model name", platform.processor() or "unknown"),
         "logical_cpus": os.cpu_count(),
         "usable_cpus": usable,
         "physical_cores": _physical_cores(),

@@ -33,17 +33,22 @@ class DeviceError(RuntimeError):
 BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
 
 
-def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str]:
-    """The first processor's feature flags (none off Linux)."""
+def cpu_info(cpuinfo: Path = Path("/proc/cpuinfo")) -> dict[str, str]:
+    """The first processor's entries of /proc/cpuinfo (empty off Linux)."""
     try:
         text = cpuinfo.read_text()
     except OSError:
-        return set()
-    for line in text.splitlines():
+        return {}
+    info: dict[str, str] = {}
+    for line in text.split("\n\n")[0].splitlines():
         key, _, value = line.partition(":")
-        if key.strip() == "flags":
-            return set(value.split())
-    return set()
+        info[key.strip()] = value.strip()
+    return info
+
+
+def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str]:
+    """The first processor's feature flags (none off Linux)."""
+    return set(cpu_info(cpuinfo).get("flags", "").split())
 
 
 def cpu_has_bf16(flags: set[str] | None = None) -> bool:
