@@ -18,7 +18,7 @@ import mlflow
 import numpy as np
 import tensorflow as tf
 
-from pipeline import plots, tracking
+from pipeline import plots, process, tracking
 from pipeline.config import AugmentConfig, load_config_or_exit
 from pipeline.datasets import image_dataset
 from pipeline.files import atomic_dir, atomic_file, write_json
@@ -136,4 +136,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    process.run(main)

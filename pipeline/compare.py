@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import mlflow
 import pandas as pd
 
-from pipeline import tracking
+from pipeline import process, tracking
 
 DEFAULT_METRIC = "transfer_test_accuracy"
 SHOWN_METRICS = ("accuracy", "roc_auc", "log_loss")
@@ -111,4 +111,4 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    process.run(main)

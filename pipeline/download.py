@@ -21,7 +21,7 @@ from pathlib import Path
 
 import mlflow
 
-from pipeline import archives, tracking
+from pipeline import archives, process, tracking
 from pipeline.config import DownloadConfig, MirrorConfig, load_config_or_exit
 from pipeline.files import atomic_dir, project_root, write_json
 from pipeline.images import CLASS_NAMES, find_labeled_images
@@ -251,4 +251,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    process.run(main)

@@ -21,7 +21,7 @@ from PIL import Image
 from sklearn import metrics as skm
 from sklearn.calibration import calibration_curve
 
-from pipeline import plots, tracking
+from pipeline import plots, process, tracking
 from pipeline.config import load_config_or_exit
 from pipeline.datasets import image_dataset
 from pipeline.extract_features import load_features
@@ -223,4 +223,4 @@ def write_reports(
 
 
 if __name__ == "__main__":
-    main()
+    process.run(main)

@@ -16,7 +16,7 @@ import numpy as np
 import tensorflow as tf
 from matplotlib.figure import Figure
 
-from pipeline import tracking
+from pipeline import process, tracking
 from pipeline.config import load_config_or_exit
 from pipeline.datasets import load_image
 from pipeline.files import atomic_dir
@@ -180,4 +180,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    process.run(main)

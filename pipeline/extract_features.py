@@ -17,7 +17,7 @@ import keras
 import mlflow
 import numpy as np
 
-from pipeline import devices, tracking
+from pipeline import devices, process, tracking
 from pipeline.config import FeaturesConfig, load_config_or_exit
 from pipeline.datasets import image_dataset, left_out_of_last_batch
 from pipeline.files import atomic_dir, write_json
@@ -177,4 +177,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    process.run(main)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import shutil
 import sys
 
-from pipeline import plots
+from pipeline import plots, process
 from pipeline.config import Config, PathsConfig, load_config_or_exit
 from pipeline.files import atomic_file, write_json
 from pipeline.history import write_history
@@ -104,4 +104,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    process.run(main)

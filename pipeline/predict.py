@@ -24,7 +24,7 @@ import mlflow.keras
 import numpy as np
 import tensorflow as tf
 
-from pipeline import tracking
+from pipeline import process, tracking
 from pipeline.datasets import load_image
 from pipeline.files import atomic_file
 from pipeline.images import CLASS_NAMES, find_images, inspect_image, is_image_name
@@ -158,4 +158,4 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    process.run(main)

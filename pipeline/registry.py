@@ -19,7 +19,7 @@ import mlflow
 from mlflow.entities import LoggedModel
 from mlflow.tracking import MlflowClient
 
-from pipeline import tracking
+from pipeline import process, tracking
 
 DEFAULT_NAME = "dogs-vs-cats"
 DEFAULT_ALIAS = "champion"
@@ -85,4 +85,4 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    process.run(main)

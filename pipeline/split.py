@@ -22,7 +22,7 @@ import mlflow
 from sklearn.model_selection import train_test_split
 from tqdm import tqdm
 
-from pipeline import tracking
+from pipeline import process, tracking
 from pipeline.config import SplitConfig, load_config_or_exit
 from pipeline.files import atomic_dir, atomic_file, write_json
 from pipeline.images import (
@@ -183,4 +183,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    process.run(main)

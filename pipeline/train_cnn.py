@@ -12,7 +12,7 @@ import sys
 import keras
 import mlflow
 
-from pipeline import devices, tracking
+from pipeline import devices, process, tracking
 from pipeline.config import load_config_or_exit
 from pipeline.datasets import training_datasets
 from pipeline.images import list_split
@@ -69,4 +69,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    process.run(main)

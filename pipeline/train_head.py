@@ -15,7 +15,7 @@ import mlflow
 import numpy as np
 import tensorflow as tf
 
-from pipeline import devices, tracking
+from pipeline import devices, process, tracking
 from pipeline.config import load_config_or_exit
 from pipeline.datasets import splittable_over_replicas
 from pipeline.extract_features import load_features
@@ -86,4 +86,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    process.run(main)
