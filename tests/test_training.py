@@ -3,7 +3,10 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
+import mlflow
 import numpy as np
+import pytest
+from mlflow.tracking import MlflowClient
 
 from pipeline.models import build_head
 from pipeline.train_head import feature_dataset
@@ -39,3 +42,23 @@ def test_head_learns_separable_features_and_outputs_are_saved(tmp_path: Path) ->
     rows = list(csv.DictReader((tmp_path / "r/history.csv").open()))
     assert len(rows) == summary["epochs_run"] and rows[0]["epoch"] == "1"
     assert {"loss", "val_loss", "accuracy", "val_accuracy"} <= set(rows[0])
+
+
+def test_epoch_metrics_are_in_the_store_before_the_run_ends(tmp_path: Path, monkeypatch) -> None:
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)
+    rng = np.random.default_rng(1)
+    labels = np.repeat([0, 1], 16).astype(np.int8)
+    features = rng.normal(0, 1, (32, 4)).astype("float32")
+    cfg = tiny_config().head.model_copy(update={"units": 4, "epochs": 3, "patience": 5})
+    data = feature_dataset(features, labels, 16)
+    with mlflow.start_run() as run:
+        history = fit(build_head(4, cfg), data, data, cfg)
+        client = MlflowClient(uri)
+        logged = client.get_metric_history(run.info.run_id, "val_loss")
+        keys = set(client.get_run(run.info.run_id).data.metrics)
+    assert [m.step for m in logged] == [0, 1, 2]
+    assert [m.value for m in logged] == pytest.approx(history["val_loss"])
+    assert {"loss", "accuracy", "val_accuracy"} <= keys
+    assert not any(key.startswith("validation_") for key in keys)
