@@ -25,5 +25,7 @@ def test_a_failing_main_propagates_its_exit(unfrozen) -> None:
     def failing() -> None:
         raise SystemExit("stage: a clear reason")
 
+    before = gc.get_freeze_count()
     with pytest.raises(SystemExit, match="a clear reason"):
         process.run(failing)
+    assert gc.get_freeze_count() == before

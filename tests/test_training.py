@@ -57,8 +57,15 @@ def test_epoch_metrics_are_in_the_store_before_the_run_ends(tmp_path: Path, monk
         history = fit(build_head(4, cfg), data, data, cfg)
         client = MlflowClient(uri)
         logged = client.get_metric_history(run.info.run_id, "val_loss")
-        keys = set(client.get_run(run.info.run_id).data.metrics)
+        logged_run = client.get_run(run.info.run_id)
+        keys = set(logged_run.data.metrics)
+        artifacts = {artifact.path for artifact in client.list_artifacts(run.info.run_id)}
     assert [m.step for m in logged] == [0, 1, 2]
     assert [m.value for m in logged] == pytest.approx(history["val_loss"])
     assert {"loss", "accuracy", "val_accuracy"} <= keys
     assert not any(key.startswith("validation_") for key in keys)
+    # What MLflow's callback logs as training begins is kept.
+    assert float(logged_run.data.params["optimizer_learning_rate"]) == pytest.approx(
+        cfg.learning_rate
+    )
+    assert "model_summary.txt" in artifacts
