@@ -10,7 +10,12 @@ param edit (which must not re-run `augment`). Each is reported as a ratio to the
 from-scratch time, with the stages DVC ran and the time spent inside them (their MLflow
 runs' durations), so the rest is process start-up and DVC's own work.
 
-    python -m bench.incremental [--images DIR_OR_ZIP] [--out bench/results] [--quick]
+`--copies K` uses each image K times: the original, then copies mirrored, shifted and
+re-encoded, to see how the ratios move as the dataset grows. A stand-in for more real
+images: near-duplicates land in different splits, so the accuracies mean nothing there; the
+times do.
+
+    python -m bench.incremental [--images DIR_OR_ZIP] [--copies K] [--out bench/results] [--quick]
 """
 
 from __future__ import annotations
@@ -38,7 +43,41 @@ PARAMS_DESCRIPTIONS = {
     "tests": "the tests' small params",
 }
 STAGE_TAG = "pipeline.stage"
+COPY_QUALITY = 90  # --copies re-encodes at this JPEG quality
+COPY_ID_STRIDE = 1_000_000  # copy k of image i is <class>.<k * stride + i>.jpg
 PARENT_STAGE = "pipeline"  # the tag value of the run that groups one execution's stages
+
+
+def copied_archive(source: Path, copies: int, workdir: Path) -> Path:
+    """The images of `source`, each `copies` times, into a stored zip in the Kaggle layout.
+
+    Copy 0 is the original; copy k mirrors the image when k is odd and shifts it by 3k and
+    2k pixels (wrapping around), then re-encodes it, so no two files are the same.
+    """
+    import io
+    import zipfile
+
+    from PIL import Image, ImageChops, ImageOps
+
+    from bench.common import prepare_images
+
+    target = workdir / f"copies-{copies}.zip"
+    with zipfile.ZipFile(target, "w", zipfile.ZIP_STORED) as archive:
+        for index, image in enumerate(prepare_images(source, workdir / "original")):
+            name = "dog" if image.label else "cat"
+            archive.write(image.path, f"train/{name}.{index}.jpg")
+            with Image.open(image.path) as opened:
+                original = opened.convert("RGB")
+            for k in range(1, copies):
+                variant = ImageChops.offset(original, 3 * k, 2 * k)
+                if k % 2:
+                    variant = ImageOps.mirror(variant)
+                encoded = io.BytesIO()
+                variant.save(encoded, "JPEG", quality=COPY_QUALITY)
+                archive.writestr(
+                    f"train/{name}.{k * COPY_ID_STRIDE + index}.jpg", encoded.getvalue()
+                )
+    return target
 
 
 def stages_run(output: str) -> list[str]:
@@ -63,7 +102,8 @@ def probe_overheads() -> None:
     """Run in a fresh interpreter: what a training stage pays besides its own work.
 
     Prints JSON: seconds to import TensorFlow+Keras and MLflow, and to log a small Keras
-    model to MLflow as the stages do (pip requirements inferred) and with them given.
+    model to MLflow with its pip requirements inferred (MLflow's default) and given (as the
+    stages log).
     """
     with Timer() as keras_import:
         import keras
@@ -105,8 +145,9 @@ def probe_stage_end(as_the_stages: bool) -> None:
     """Run in a fresh interpreter: how long a training stage takes to end once its work is done.
 
     Fits a small model inside an MLflow run, logging each epoch, and prints JSON: the seconds
-    `end_run` took and the wall-clock time it was printed at. The caller takes the process's
-    exit time from that. `as_the_stages`: `EpochMetricsCallback` and `process.run`, as the
+    one synchronous `log_metrics` of an epoch's metrics takes (mean of 20), the seconds
+    `end_run` took, and the wall-clock time it printed at, from which the caller takes the
+    process's exit time. `as_the_stages`: `EpochMetricsCallback` and `process.run`, as the
     stages do; otherwise MLflow's own callback and Python's default exit.
     """
     import keras
@@ -123,12 +164,16 @@ def probe_stage_end(as_the_stages: bool) -> None:
         callback = EpochMetricsCallback() if as_the_stages else mlflow.keras.MlflowCallback()
         mlflow.set_tracking_uri(f"sqlite:///{Path.cwd() / 'mlflow.db'}")
         mlflow.set_experiment("bench-stage-end")
-        run = mlflow.start_run()
-        model.fit(*data, validation_data=data, epochs=5, callbacks=[callback], verbose=0)
+        mlflow.start_run()
+        history = model.fit(*data, validation_data=data, epochs=5, callbacks=[callback], verbose=0)
+        epoch_metrics = {name: values[-1] for name, values in history.history.items()}
+        with Timer() as writes:
+            for step in range(5, 25):
+                mlflow.log_metrics(epoch_metrics, step=step)
         with Timer() as end_run:
             mlflow.end_run()
-        del run
-        print(json.dumps({"end_run_s": end_run.seconds, "printed_at": time.time()}), flush=True)
+        probe = {"log_metrics_s": writes.seconds / 20, "end_run_s": end_run.seconds}
+        print(json.dumps({**probe, "printed_at": time.time()}), flush=True)
 
     if as_the_stages:
         process.run(main)
@@ -136,38 +181,44 @@ def probe_stage_end(as_the_stages: bool) -> None:
         main()
 
 
-def in_fresh_interpreter(command: str) -> tuple[float, str]:
-    """Seconds a `python -c command` took in a clean environment, and its last stdout line."""
+def in_fresh_interpreter(command: str) -> tuple[float, str, float]:
+    """Runs `python -c command` in a clean environment.
+
+    Returns the seconds it took, its last line of stdout, and the wall-clock time it exited at.
+    """
     from tests.pipeline_copy import clean_env
 
-    with tempfile.TemporaryDirectory(prefix="bench-overheads-") as probe, Timer() as total:
-        result = subprocess.run(
-            [sys.executable, "-c", command],
-            cwd=probe,
-            env=clean_env(REPO_ROOT),
-            capture_output=True,
-            text=True,
-            check=True,
-            timeout=900,
-        )
-    return total.seconds, result.stdout.strip().splitlines()[-1]
+    with tempfile.TemporaryDirectory(prefix="bench-overheads-") as probe:
+        with Timer() as total:
+            result = subprocess.run(
+                [sys.executable, "-c", command],
+                cwd=probe,
+                env=clean_env(REPO_ROOT),
+                capture_output=True,
+                text=True,
+                check=True,
+                timeout=900,
+            )
+        exited_at = time.time()
+    return total.seconds, result.stdout.strip().splitlines()[-1], exited_at
 
 
 def measure_overheads(repeats: int = 2) -> dict[str, float]:
-    seconds, output = in_fresh_interpreter(
+    seconds, output, _ = in_fresh_interpreter(
         "from bench.incremental import probe_overheads; probe_overheads()"
     )
     overheads = {**json.loads(output), "process_total_s": seconds}
-    # Alternated and the best of `repeats` taken: what each way costs, with the noise of a
-    # busy machine left out as far as it can be.
-    for _ in range(repeats):
-        for as_the_stages, label in ((False, "defaults"), (True, "stages")):
-            _, output = in_fresh_interpreter(
+    # The two ways alternate, each going first in turn, and the best of `repeats` is kept:
+    # what each way costs, with a busy machine's noise left out as far as it can be.
+    ways = [(False, "defaults"), (True, "stages")]
+    for repeat in range(repeats):
+        for as_the_stages, label in ways if repeat % 2 == 0 else ways[::-1]:
+            _, output, exited_at = in_fresh_interpreter(
                 f"from bench.incremental import probe_stage_end; probe_stage_end({as_the_stages})"
             )
-            exited_at = time.time()
             probe = json.loads(output)
             for name, value in (
+                ("log_metrics_synchronous_s", probe["log_metrics_s"]),
                 (f"end_run_{label}_s", probe["end_run_s"]),
                 (f"exit_{label}_s", exited_at - probe["printed_at"]),
             ):
@@ -185,15 +236,26 @@ def main(argv: Sequence[str] | None = None) -> Path:
         help="params.yaml as the repository has it, or the tests' small one "
         "(default: repo; tests with --quick)",
     )
+    parser.add_argument(
+        "--copies",
+        type=int,
+        default=1,
+        help="use each image this many times, mirrored and shifted (default: %(default)s)",
+    )
     args = parser.parse_args(argv)
+    if args.copies < 1:
+        parser.error(f"--copies {args.copies}: expected 1 or more")
     which_params = args.params or ("tests" if args.quick else "repo")
 
     from tests.pipeline_copy import PipelineCopy
 
     report = Report("incremental", "Incremental re-runs: dvc repro wall time", args.quick)
-    images = args.images.expanduser().resolve()
+    source = images = args.images.expanduser().resolve()
     workdir = Path(tempfile.mkdtemp(prefix="bench-incremental-", dir=args.workdir))
+    copied = Path(tempfile.mkdtemp(prefix="bench-incremental-images-", dir=args.workdir))
     try:
+        if args.copies > 1:
+            images = copied_archive(images, args.copies, copied)
         copy = PipelineCopy.create(
             workdir,
             images,
@@ -225,9 +287,10 @@ def main(argv: Sequence[str] | None = None) -> Path:
         overheads = measure_overheads(repeats=1 if args.quick else 2)
     finally:
         if args.keep:
-            print(f"incremental: kept the copy in {workdir}")
+            print(f"incremental: kept the copy in {workdir} (its images in {copied})")
         else:
             shutil.rmtree(workdir, ignore_errors=True)
+            shutil.rmtree(copied, ignore_errors=True)
 
     scratch = steps["from scratch"]["seconds"]
     for step in steps.values():
@@ -238,7 +301,8 @@ def main(argv: Sequence[str] | None = None) -> Path:
     report.settings = {
         "params": which_params,
         "params_yaml": params,
-        "images": str(images),
+        "images": str(source),
+        "copies": args.copies,
     }
     report.results = {
         "steps": steps,
@@ -247,8 +311,10 @@ def main(argv: Sequence[str] | None = None) -> Path:
         "from_scratch_s": scratch,
         "kept_copy": str(workdir) if args.keep else None,
     }
+    copies = "" if args.copies == 1 else f", each image {args.copies} times (--copies)"
     report.table(
-        f"dvc repro on a copy with {PARAMS_DESCRIPTIONS[which_params]}, one run after the other",
+        f"dvc repro on a copy with {PARAMS_DESCRIPTIONS[which_params]}{copies}, "
+        "one run after the other",
         ["run", "stages run", "wall s", "x from scratch", "inside stages s", "outside s"],
         [
             [
@@ -298,6 +364,10 @@ def main(argv: Sequence[str] | None = None) -> Path:
             [
                 "mlflow.keras.log_model, pip_requirements given (as the stages log)",
                 overheads["log_model_requirements_given_s"],
+            ],
+            [
+                "one epoch's metrics logged synchronously (EpochMetricsCallback, once per epoch)",
+                overheads["log_metrics_synchronous_s"],
             ],
             [
                 "end of an MLflow run after a fit, MLflow's callback (asynchronous logging)",

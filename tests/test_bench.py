@@ -214,3 +214,16 @@ def test_disk_resizes_the_images_into_a_kaggle_layout_zip(tiny_zip: Path, tmp_pa
 def test_disk_refuses_a_resize_it_cannot_read(tiny_zip: Path, tmp_path: Path) -> None:
     with pytest.raises(SystemExit):
         disk.main(["--quick", "--images", str(tiny_zip), "--resize", "40by30"])
+
+
+def test_copies_make_distinct_files_of_both_classes(tiny_zip: Path, tmp_path: Path) -> None:
+    import zipfile
+
+    archive = incremental.copied_archive(tiny_zip, 3, tmp_path)
+    with zipfile.ZipFile(archive) as opened:
+        names = opened.namelist()
+        contents = {opened.read(name) for name in names}
+    assert len(names) == len(set(names)) == 3 * 24
+    assert len(contents) == len(names)  # mirrored and shifted copies differ from the originals
+    assert sum(name.startswith("train/cat.") for name in names) == 3 * 12
+    assert all(name.startswith(("train/cat.", "train/dog.")) for name in names)
