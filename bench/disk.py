@@ -73,12 +73,12 @@ def measure(root: Path) -> dict[str, dict[str, int]]:
 
 def resized_archive(source: Path, size: str, workdir: Path) -> Path:
     """The images of `source` re-encoded at `size` ("WIDTHxHEIGHT") into a stored zip."""
-    import io
     import zipfile
 
     from PIL import Image
 
     from bench.common import prepare_images
+    from tests.conftest import jpeg_bytes
 
     width, height = (int(side) for side in size.lower().split("x"))
     target = workdir / f"resized-{width}x{height}.zip"
@@ -86,10 +86,8 @@ def resized_archive(source: Path, size: str, workdir: Path) -> Path:
         for image in prepare_images(source, workdir / "original"):
             with Image.open(image.path) as opened:
                 resized = opened.convert("RGB").resize((width, height), Image.Resampling.BICUBIC)
-            encoded = io.BytesIO()
-            resized.save(encoded, "JPEG", quality=RESIZED_QUALITY)
             name = f"{'dog' if image.label else 'cat'}.{image.path.stem.split('.')[-1]}.jpg"
-            archive.writestr(f"train/{name}", encoded.getvalue())
+            archive.writestr(f"train/{name}", jpeg_bytes(resized, quality=RESIZED_QUALITY))
     return target
 
 

@@ -54,12 +54,12 @@ def copied_archive(source: Path, copies: int, workdir: Path) -> Path:
     Copy 0 is the original; copy k mirrors the image when k is odd and shifts it by 3k and
     2k pixels (wrapping around), then re-encodes it, so no two files are the same.
     """
-    import io
     import zipfile
 
     from PIL import Image, ImageChops, ImageOps
 
     from bench.common import prepare_images
+    from tests.conftest import jpeg_bytes
 
     target = workdir / f"copies-{copies}.zip"
     with zipfile.ZipFile(target, "w", zipfile.ZIP_STORED) as archive:
@@ -72,10 +72,9 @@ def copied_archive(source: Path, copies: int, workdir: Path) -> Path:
                 variant = ImageChops.offset(original, 3 * k, 2 * k)
                 if k % 2:
                     variant = ImageOps.mirror(variant)
-                encoded = io.BytesIO()
-                variant.save(encoded, "JPEG", quality=COPY_QUALITY)
                 archive.writestr(
-                    f"train/{name}.{k * COPY_ID_STRIDE + index}.jpg", encoded.getvalue()
+                    f"train/{name}.{k * COPY_ID_STRIDE + index}.jpg",
+                    jpeg_bytes(variant, quality=COPY_QUALITY),
                 )
     return target
 
@@ -287,7 +286,8 @@ def main(argv: Sequence[str] | None = None) -> Path:
         overheads = measure_overheads(repeats=1 if args.quick else 2)
     finally:
         if args.keep:
-            print(f"incremental: kept the copy in {workdir} (its images in {copied})")
+            images_kept = f" (its images in {copied})" if args.copies > 1 else ""
+            print(f"incremental: kept the copy in {workdir}{images_kept}")
         else:
             shutil.rmtree(workdir, ignore_errors=True)
             shutil.rmtree(copied, ignore_errors=True)
