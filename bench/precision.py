@@ -26,11 +26,10 @@ import json
 import shutil
 import statistics
 import tempfile
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from bench.common import Report, base_parser, ratio
+from bench.common import Report, base_parser, ratio, timed
 from pipeline.devices import cpu_has_bf16
 
 POLICIES = ("float32", "mixed_bfloat16")
@@ -40,9 +39,7 @@ def run_stage(copy, stage: str, seed: int, precision: str) -> dict[str, float]:
     """One stage as its own process under `precision`; its seconds and validation metrics."""
     copy.set_param("common", "seed", seed)
     copy.set_param("compute", "precision", precision)
-    started = time.perf_counter()
-    copy.run(copy.python, "-m", f"pipeline.{stage}")
-    seconds = time.perf_counter() - started
+    seconds, _ = timed(lambda: copy.run(copy.python, "-m", f"pipeline.{stage}"))
     metrics_file = copy.root / "reports" / stage / "metrics.json"
     metrics = json.loads(metrics_file.read_text()) if stage != "extract_features" else {}
     return {
