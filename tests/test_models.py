@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from pipeline.models import (
+    FusedAdam,
     WeightsUnavailableError,
     build_backbone,
     build_cnn,
@@ -46,6 +47,49 @@ def test_batch_norm_adds_normalization_after_each_conv() -> None:
 def test_optimizer_uses_the_configured_learning_rate(name: str) -> None:
     optimizer = make_optimizer(HEAD.model_copy(update={"optimizer": name, "learning_rate": 0.05}))
     assert float(optimizer.learning_rate) == pytest.approx(0.05)
+
+
+def trained_weights(optimizer: keras.optimizers.Optimizer, steps: int) -> list[np.ndarray]:
+    """A small head's weights after `steps` full-batch steps, the same start for every call."""
+    rng = np.random.default_rng(0)
+    features = np.maximum(rng.normal(size=(64, 48)), 0).astype("float32")
+    labels = (features[:, 0] > features[:, 1]).astype("float32")
+    keras.utils.set_random_seed(3)
+    model = keras.Sequential(
+        [keras.Input((48,)), keras.layers.Dense(16, activation="relu"), keras.layers.Dense(1)]
+    )
+    model.compile(optimizer=optimizer, loss=keras.losses.BinaryCrossentropy(from_logits=True))
+    model.fit(features, labels, batch_size=64, epochs=steps, shuffle=False, verbose=0)
+    return model.get_weights()
+
+
+def test_fused_adam_takes_the_same_steps_as_keras_adam() -> None:
+    start = trained_weights(keras.optimizers.SGD(0.0), steps=1)
+    fused = trained_weights(FusedAdam(learning_rate=1e-2), steps=5)
+    reference = trained_weights(keras.optimizers.Adam(learning_rate=1e-2), steps=5)
+    for after, expected, before in zip(fused, reference, start, strict=True):
+        moved = np.max(np.abs(expected - before))
+        assert moved > 1e-3
+        # Same formulas; the kernel rounds 1 - beta_2 to float32 (0.999987e-3, not 1e-3),
+        # which scales every step by ~7e-6.
+        assert np.max(np.abs(after - expected)) < 5e-5 * moved
+
+
+def test_fused_adam_leaves_amsgrad_to_keras() -> None:
+    fused = trained_weights(FusedAdam(learning_rate=1e-2, amsgrad=True), steps=3)
+    reference = trained_weights(keras.optimizers.Adam(learning_rate=1e-2, amsgrad=True), 3)
+    for after, expected in zip(fused, reference, strict=True):
+        np.testing.assert_array_equal(after, expected)
+
+
+def test_adam_is_the_fused_kernel_and_survives_a_saved_compiled_model(tmp_path: Path) -> None:
+    model = build_head(8, HEAD)
+    assert isinstance(model.optimizer, FusedAdam)
+    model.fit(np.ones((4, 8), "float32"), np.array([0, 1, 0, 1], "float32"), verbose=0)
+    model.save(tmp_path / "compiled.keras")
+    reloaded = keras.models.load_model(tmp_path / "compiled.keras")
+    assert isinstance(reloaded.optimizer, FusedAdam)
+    assert float(reloaded.optimizer.learning_rate) == pytest.approx(HEAD.learning_rate)
 
 
 def test_caffe_preprocessing_matches_keras_vgg16_preprocess_input() -> None:
