@@ -5,7 +5,10 @@ are real images decoded once into memory, so only the training step is timed. Th
 peak is measured in the same run with large matmuls; the share is the model's analytic
 FLOPs (convolutions and dense layers from their shapes; a training step is about 3x the
 forward pass) times images/s, over that peak. Variants of the configured step (larger
-batches, XLA) are measured beside it, as candidates for params.yaml or pipeline/.
+batches, XLA, Keras's own Adam where the configured optimizer is `adam`) are measured beside
+it, as candidates for params.yaml or pipeline/. So is the dense head's training step, on
+random features of the configured backbone's size: its update, not its arithmetic, is what
+costs, so `pipeline.models.FusedAdam` is timed against `keras.optimizers.Adam` there.
 
     python -m bench.training_step [--images DIR_OR_ZIP] [--out bench/results] [--quick]
 """
@@ -15,6 +18,7 @@ from __future__ import annotations
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -30,25 +34,74 @@ from bench.common import (
     repo_config,
     timed,
 )
-from pipeline.config import TrainCnnConfig
+from pipeline.config import Config, FeaturesConfig, OptimizerMixin, TrainCnnConfig
 
 TRAINING_FLOPS_FACTOR = 3  # forward, gradient w.r.t. activations, gradient w.r.t. weights
 
 
-def build(cfg: TrainCnnConfig, jit_compile: bool):
+def recompiled(model, cfg: OptimizerMixin, jit_compile: bool = False, keras_adam: bool = False):
+    """`model` compiled as `pipeline.models.compile_binary` does, with XLA or Keras's Adam."""
     import keras
 
-    from pipeline.models import build_cnn, make_optimizer
+    from pipeline.models import make_optimizer
 
-    model = build_cnn(cfg)
-    if jit_compile:  # the same compile as build_cnn's, with XLA on
+    if jit_compile or keras_adam:
+        optimizer = (
+            keras.optimizers.Adam(learning_rate=cfg.learning_rate)
+            if keras_adam
+            else make_optimizer(cfg)
+        )
         model.compile(
-            optimizer=make_optimizer(cfg),
+            optimizer=optimizer,
             loss="binary_crossentropy",
             metrics=["accuracy", keras.metrics.AUC(name="auc")],
-            jit_compile=True,
+            jit_compile=jit_compile,
         )
     return model
+
+
+def backbone_feature_size(cfg: FeaturesConfig) -> int:
+    """The length of the feature vectors `extract_features` writes under `cfg`."""
+    from pipeline.models import build_backbone
+
+    return int(build_backbone(cfg.model_copy(update={"weights": "none"})).output_shape[-1])
+
+
+def head_step_ms(cfg: Config, features: int, batches: int, repeats: int) -> dict[str, Any]:
+    """ms per training step of the configured head, with `FusedAdam` and with Keras's Adam.
+
+    The features are random, non-negative and ~40% zeros like post-ReLU ones: only their
+    shape matters to the step's time. The two are timed in turn, alternating which goes
+    first, and the fastest epoch of each counts.
+    """
+    import keras
+    import tensorflow as tf
+
+    from pipeline.models import build_head
+
+    head_cfg = cfg.head.model_copy(update={"optimizer": "adam"})
+    rng = np.random.default_rng(cfg.common.seed)
+    count = batches * head_cfg.batch_size
+    x = np.maximum(rng.normal(-0.25, 1.0, (count, features)), 0).astype(np.float32)
+    y = (rng.random(count) < 0.5).astype(np.float32)
+    batches = tf.data.Dataset.from_tensor_slices((x, y)).batch(head_cfg.batch_size)
+    data = batches.cache()
+    keras.utils.set_random_seed(cfg.common.seed)
+    heads = {
+        "FusedAdam": build_head(features, head_cfg),
+        "keras.optimizers.Adam": recompiled(
+            build_head(features, head_cfg), head_cfg, keras_adam=True
+        ),
+    }
+    for head in heads.values():  # warm-up: tracing
+        head.fit(batches.take(2), epochs=1, verbose=0)
+    times: dict[str, list[float]] = {name: [] for name in heads}
+    for turn in range(repeats):
+        order = list(heads) if turn % 2 == 0 else list(reversed(heads))
+        for name in order:
+            seconds, _ = timed(lambda h=heads[name]: h.fit(data, epochs=1, verbose=0))
+            times[name].append(1000 * seconds / batches)
+    return {name: {"ms_per_step": min(ms), "runs_ms_per_step": ms} for name, ms in times.items()}
 
 
 def in_memory_batches(x: np.ndarray, y: np.ndarray, batch_size: int):
@@ -71,17 +124,26 @@ def main(argv: Sequence[str] | None = None) -> Path:
         help="comma-separated extra batch sizes measured beside the configured one",
     )
     parser.add_argument("--no-xla", action="store_true", help="skip the jit_compile=True variant")
+    parser.add_argument(
+        "--head-batches", type=int, help="batches per timed head epoch (default 100)"
+    )
     args = parser.parse_args(argv)
 
     import keras
+
+    from pipeline.models import build_cnn
 
     base = repo_config()
     cfg = base.train_cnn
     per_run = args.images_per_run or (32 if args.quick else 640)
     repeats = args.repeats or (1 if args.quick else 2)
     matmul_n = args.matmul_n or (512 if args.quick else 4096)
+    head_batches = args.head_batches or (4 if args.quick else 100)
     if args.quick:
         cfg = cfg.model_copy(update={"image_size": (64, 64), "batch_size": 8})
+        base = base.model_copy(
+            update={"features": base.features.model_copy(update={"image_size": (32, 32)})}
+        )
     extra = [int(b) for b in args.batch_sizes.split(",") if b.strip()]
     if args.quick:
         extra = [16]
@@ -91,19 +153,22 @@ def main(argv: Sequence[str] | None = None) -> Path:
         images = prepare_images(args.images, Path(workdir), limit=max(per_run, 64) // 2 * 2)
         x, y = decode_all(images, cfg.image_size)
 
-    variants: dict[str, tuple[TrainCnnConfig, bool]] = {
-        f"configured (batch {cfg.batch_size})": (cfg, False)
+    # name -> (config, XLA, Keras's Adam instead of FusedAdam)
+    variants: dict[str, tuple[TrainCnnConfig, bool, bool]] = {
+        f"configured (batch {cfg.batch_size})": (cfg, False, False)
     }
     for size in extra:
-        variants[f"batch {size}"] = (cfg.model_copy(update={"batch_size": size}), False)
+        variants[f"batch {size}"] = (cfg.model_copy(update={"batch_size": size}), False, False)
     if not args.no_xla:
-        variants[f"batch {cfg.batch_size}, XLA jit_compile"] = (cfg, True)
+        variants[f"batch {cfg.batch_size}, XLA jit_compile"] = (cfg, True, False)
+    if cfg.optimizer == "adam":
+        variants[f"batch {cfg.batch_size}, keras.optimizers.Adam"] = (cfg, False, True)
 
     keras.utils.set_random_seed(base.common.seed)
     models, steps, failures = {}, {}, {}
-    for name, (variant, jit) in variants.items():
+    for name, (variant, jit, keras_adam) in variants.items():
         steps[name] = max(1, per_run // variant.batch_size)
-        model = build(variant, jit)
+        model = recompiled(build_cnn(variant), variant, jit, keras_adam)
         data = in_memory_batches(x, y, variant.batch_size)
         try:  # warm-up: tracing, XLA compilation, oneDNN primitive creation
             model.fit(data, steps_per_epoch=min(3, steps[name]), epochs=1, verbose=0)
@@ -125,6 +190,8 @@ def main(argv: Sequence[str] | None = None) -> Path:
             )
             times[name].append(seconds)
     peak = max(run["gflops"] for run in peak_runs)
+    head_features = backbone_feature_size(base.features)
+    head_steps = head_step_ms(base, head_features, head_batches, 2 * repeats)
 
     configured = next(iter(variants))
     forward_model = models[configured][0]
@@ -172,6 +239,8 @@ def main(argv: Sequence[str] | None = None) -> Path:
         "images_per_run": per_run,
         "repeats": repeats,
         "matmul_n": matmul_n,
+        "head": base.head.model_copy(update={"optimizer": "adam"}).model_dump(mode="json"),
+        "head_batches": head_batches,
         "training_flops_factor": TRAINING_FLOPS_FACTOR,
     }
     report.results = {
@@ -184,6 +253,12 @@ def main(argv: Sequence[str] | None = None) -> Path:
         "forward_conv_share_of_peak": forward_rate * flops["conv"] / 1e9 / peak,
         "configured_images_per_s": base_rate,
         "configured_conv_share_of_peak": results[configured].get("conv_share_of_peak"),
+        "head_feature_size": head_features,
+        "head_steps": head_steps,
+        "head_keras_adam_over_fused": ratio(
+            head_steps["keras.optimizers.Adam"]["ms_per_step"],
+            head_steps["FusedAdam"]["ms_per_step"],
+        ),
     }
     report.table(
         f"Measured float32 peak: {peak:.0f} GFLOP/s ({matmul_n}x{matmul_n} matmul, best of "
@@ -204,6 +279,18 @@ def main(argv: Sequence[str] | None = None) -> Path:
         "Forward pass only (model.predict, configured batch), for scale",
         ["pass", "images/s", "conv share of peak"],
         [["predict", forward_rate, pct(report.results["forward_conv_share_of_peak"])]],
+    )
+    fused_ms = head_steps["FusedAdam"]["ms_per_step"]
+    report.table(
+        f"Dense head training step on {head_features} features per image (the configured "
+        f"backbone's), batch {base.head.batch_size}; fastest of "
+        f"{len(head_steps[next(iter(head_steps))]['runs_ms_per_step'])} epochs of "
+        f"{head_batches} batches each",
+        ["optimizer", "ms per step", "vs FusedAdam"],
+        [
+            [name, step["ms_per_step"], f"{ratio(step['ms_per_step'], fused_ms):.2f}x"]
+            for name, step in head_steps.items()
+        ],
     )
     share = report.results["configured_conv_share_of_peak"]
     report.target(

@@ -82,6 +82,13 @@ def test_training_step_reports_throughput_and_share_of_peak(tiny_zip: Path, tmp_
     )
     for variant in results["variants"].values():
         assert_positive(variant["images_per_s"], variant["ratio_to_configured"])
+    assert any("keras.optimizers.Adam" in name for name in results["variants"])
+    assert results["head_feature_size"] == 512  # VGG16 at the quick 32x32: 1x1x512
+    assert set(results["head_steps"]) == {"FusedAdam", "keras.optimizers.Adam"}
+    assert_positive(
+        results["head_keras_adam_over_fused"],
+        *(step["ms_per_step"] for step in results["head_steps"].values()),
+    )
 
 
 def test_feature_extraction_reports_real_and_plain_paths(tiny_zip: Path, tmp_path: Path) -> None:
