@@ -29,18 +29,23 @@ class WeightsUnavailableError(RuntimeError):
 
 @keras.saving.register_keras_serializable(package="pipeline")
 class FusedAdam(keras.optimizers.Adam):
-    """Keras's Adam, each dense weight updated by TensorFlow's fused `ResourceApplyAdam`.
+    """Keras's Adam, each dense float32 weight updated by TensorFlow's fused `ResourceApplyAdam`.
 
-    The kernel computes `keras.optimizers.Adam.update_step`'s formulas, in one pass over the
-    weights and their two moments where Keras's ops make about ten. The head's 2.1 M weights
-    and moments (25 MB) do not fit in a laptop's cache, so each pass is a trip to memory:
-    its training step is ~1.5x faster (`python -m bench.training_step`). One rounding
-    differs: the kernel takes 1 - beta_2 in float32 (0.999987e-3 rather than 1e-3), which
-    changes each step by ~7e-6 of itself. AMSGrad and sparse gradients take Keras's path.
+    The kernel computes `keras.optimizers.Adam.update_step`'s formulas in one pass over the
+    weights and their two moments, where Keras's ops make twelve. For the head that is 25 MB
+    (2.1 M weights, each with two moments) read and written per pass, more than a core's
+    cache holds: its training step is ~1.4x faster (`python -m bench.training_step`). One
+    rounding differs: the kernel takes 1 - beta_2 in float32 (0.999987e-3 rather than
+    1e-3), which changes each step by ~7e-6 of itself. AMSGrad, sparse gradients and
+    weights in other dtypes take Keras's path: in float16, 1 - beta_2 would be far off.
     """
 
     def update_step(self, gradient, variable, learning_rate):
-        if self.amsgrad or isinstance(gradient, tf.IndexedSlices):
+        if (
+            self.amsgrad
+            or isinstance(gradient, tf.IndexedSlices)
+            or variable.dtype not in ("float32", "float64")
+        ):
             return super().update_step(gradient, variable, learning_rate)
         index = self._get_variable_index(variable)
         dtype = variable.dtype
@@ -61,8 +66,8 @@ class FusedAdam(keras.optimizers.Adam):
 
 
 def _resource(variable):
-    """The TensorFlow resource behind a Keras variable, or behind the `tf.Variable` that
-    `tf.distribute` hands the optimizer for each replica."""
+    """The TensorFlow resource behind a variable: `update_step` gets the weight as a
+    `tf.Variable` (one replica's, under `tf.distribute`), the moments as Keras variables."""
     if isinstance(variable, keras.Variable):
         variable = variable.value
     return variable.handle
@@ -76,11 +81,19 @@ def make_optimizer(cfg: OptimizerMixin) -> keras.optimizers.Optimizer:
     return FusedAdam(learning_rate=cfg.learning_rate)
 
 
-def compile_binary(model: keras.Model, cfg: OptimizerMixin) -> keras.Model:
+def compile_binary(
+    model: keras.Model,
+    cfg: OptimizerMixin,
+    optimizer: keras.optimizers.Optimizer | None = None,
+    jit_compile: bool | str = "auto",
+) -> keras.Model:
+    """Compiles `model` as every stage trains it; `optimizer` and `jit_compile` let the
+    benchmarks measure alternatives to `make_optimizer(cfg)` and Keras's default."""
     model.compile(
-        optimizer=make_optimizer(cfg),
+        optimizer=optimizer or make_optimizer(cfg),
         loss="binary_crossentropy",
         metrics=["accuracy", keras.metrics.AUC(name="auc")],
+        jit_compile=jit_compile,
     )
     return model
 
