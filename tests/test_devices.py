@@ -189,20 +189,27 @@ def tiny_workspace(root: Path, splits: dict[str, tuple[int, int]] = UNEVEN_SPLIT
     return root
 
 
-def test_the_training_stages_run_on_two_replicas_and_save_and_log_once(tmp_path: Path):
-    workspace = tiny_workspace(tmp_path / "workspace")
+def run_in_child(script: str, *args: str, cwd: Path | None = None) -> str:
+    """Runs `script` with `args` in a fresh interpreter, CPU only, without the caller's
+    MLflow, DVC or TensorFlow settings; returns its stdout."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_", "TF_"))}
     env.update(PYTHONPATH=str(REPO_ROOT), TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="")
     result = subprocess.run(
-        [sys.executable, "-c", TWO_REPLICAS],
-        cwd=workspace,
+        [sys.executable, "-c", script, *args],
+        cwd=cwd,
         env=env,
         capture_output=True,
         text=True,
         timeout=600,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "logical CPUs: 2" in result.stdout
+    return result.stdout
+
+
+def test_the_training_stages_run_on_two_replicas_and_save_and_log_once(tmp_path: Path):
+    workspace = tiny_workspace(tmp_path / "workspace")
+    stdout = run_in_child(TWO_REPLICAS, cwd=workspace)
+    assert "logical CPUs: 2" in stdout
 
     for stage in ("train_cnn", "train_head", "finetune"):
         metrics = json.loads((workspace / f"reports/{stage}/metrics.json").read_text())
@@ -267,17 +274,8 @@ def test_a_last_batch_split_unevenly_over_four_replicas_trains(tmp_path: Path) -
     for n in range(21):
         paths.append(tmp_path / f"{n}.jpg")
         paths[-1].write_bytes(jpeg_bytes(photo(n % 2, n, (32, 32))))
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TF_")}
-    env.update(PYTHONPATH=str(REPO_ROOT), TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="")
-    result = subprocess.run(
-        [sys.executable, "-c", FOUR_REPLICAS, *map(str, paths)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "batches: [16, 4]" in result.stdout  # one image of 21 left out
+    stdout = run_in_child(FOUR_REPLICAS, *map(str, paths))
+    assert "batches: [16, 4]" in stdout  # one image of 21 left out
 
 
 def test_a_stage_started_as_one_worker_of_a_cluster_exits_and_writes_nothing(tmp_path, monkeypatch):
@@ -334,17 +332,7 @@ print(json.dumps({
 
 
 def test_fused_adam_updates_each_replica_as_one_device_would():
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_", "TF_"))}
-    env.update(PYTHONPATH=str(REPO_ROOT), TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="")
-    result = subprocess.run(
-        [sys.executable, "-c", FUSED_ADAM_ON_TWO_REPLICAS],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    report = json.loads(result.stdout.strip().splitlines()[-1])
+    report = json.loads(run_in_child(FUSED_ADAM_ON_TWO_REPLICAS).strip().splitlines()[-1])
     assert report["replicas"] == 2
     # Two kernels and two moments each: every copy, not just the first, was updated alike.
     assert report["mirrored_variables"] >= 8 and report["replicas_apart"] == 0
