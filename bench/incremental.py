@@ -111,10 +111,10 @@ def probe_overheads() -> None:
         import mlflow.keras
         from mlflow.models import infer_signature
     from bench.common import repo_config
-    from pipeline.models import build_cnn
+    from pipeline.models import build_cnn, for_inference
 
     cfg = repo_config().train_cnn.model_copy(update={"image_size": (32, 32)})
-    model = build_cnn(cfg)
+    model = for_inference(build_cnn(cfg))  # uncompiled, as the stages log their models
     example = np.zeros((1, 32, 32, 3), dtype=np.float32)
     mlflow.set_tracking_uri(f"sqlite:///{Path.cwd() / 'mlflow.db'}")
     mlflow.set_experiment("bench-overheads")

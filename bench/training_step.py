@@ -34,30 +34,9 @@ from bench.common import (
     repo_config,
     timed,
 )
-from pipeline.config import Config, FeaturesConfig, OptimizerMixin, TrainCnnConfig
+from pipeline.config import Config, FeaturesConfig, TrainCnnConfig
 
 TRAINING_FLOPS_FACTOR = 3  # forward, gradient w.r.t. activations, gradient w.r.t. weights
-
-
-def recompiled(model, cfg: OptimizerMixin, jit_compile: bool = False, keras_adam: bool = False):
-    """`model` compiled as `pipeline.models.compile_binary` does, with XLA or Keras's Adam."""
-    import keras
-
-    from pipeline.models import make_optimizer
-
-    if jit_compile or keras_adam:
-        optimizer = (
-            keras.optimizers.Adam(learning_rate=cfg.learning_rate)
-            if keras_adam
-            else make_optimizer(cfg)
-        )
-        model.compile(
-            optimizer=optimizer,
-            loss="binary_crossentropy",
-            metrics=["accuracy", keras.metrics.AUC(name="auc")],
-            jit_compile=jit_compile,
-        )
-    return model
 
 
 def backbone_feature_size(cfg: FeaturesConfig) -> int:
@@ -70,36 +49,38 @@ def backbone_feature_size(cfg: FeaturesConfig) -> int:
 def head_step_ms(cfg: Config, features: int, batches: int, repeats: int) -> dict[str, Any]:
     """ms per training step of the configured head, with `FusedAdam` and with Keras's Adam.
 
-    The features are random, non-negative and ~40% zeros like post-ReLU ones: only their
-    shape matters to the step's time. The two are timed in turn, alternating which goes
-    first, and the fastest epoch of each counts.
+    The features are random, non-negative and ~40% zeros, like post-ReLU ones: only their
+    shape matters to the step's time. Each timed run is one `fit` of `batches` steps, its
+    setup included, as for the CNN; the two optimizers take turns, alternating which goes
+    first, and the fastest run of each counts.
     """
     import keras
-    import tensorflow as tf
 
-    from pipeline.models import build_head
+    from pipeline.models import build_head, compile_binary
 
     head_cfg = cfg.head.model_copy(update={"optimizer": "adam"})
     rng = np.random.default_rng(cfg.common.seed)
     count = batches * head_cfg.batch_size
-    x = np.maximum(rng.normal(-0.25, 1.0, (count, features)), 0).astype(np.float32)
+    x = np.maximum(rng.normal(0.25, 1.0, (count, features)), 0).astype(np.float32)
     y = (rng.random(count) < 0.5).astype(np.float32)
-    batches = tf.data.Dataset.from_tensor_slices((x, y)).batch(head_cfg.batch_size)
-    data = batches.cache()
+    data = in_memory_batches(x, y, head_cfg.batch_size)
     keras.utils.set_random_seed(cfg.common.seed)
+    keras_adam = keras.optimizers.Adam(learning_rate=head_cfg.learning_rate)
     heads = {
         "FusedAdam": build_head(features, head_cfg),
-        "keras.optimizers.Adam": recompiled(
-            build_head(features, head_cfg), head_cfg, keras_adam=True
+        "keras.optimizers.Adam": compile_binary(
+            build_head(features, head_cfg), head_cfg, keras_adam
         ),
     }
-    for head in heads.values():  # warm-up: tracing
-        head.fit(batches.take(2), epochs=1, verbose=0)
+    for head in heads.values():  # warm-up: tracing, oneDNN primitive creation
+        head.fit(data, steps_per_epoch=3, epochs=1, verbose=0)
     times: dict[str, list[float]] = {name: [] for name in heads}
     for turn in range(repeats):
         order = list(heads) if turn % 2 == 0 else list(reversed(heads))
         for name in order:
-            seconds, _ = timed(lambda h=heads[name]: h.fit(data, epochs=1, verbose=0))
+            seconds, _ = timed(
+                lambda h=heads[name]: h.fit(data, steps_per_epoch=batches, epochs=1, verbose=0)
+            )
             times[name].append(1000 * seconds / batches)
     return {name: {"ms_per_step": min(ms), "runs_ms_per_step": ms} for name, ms in times.items()}
 
@@ -131,7 +112,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
 
     import keras
 
-    from pipeline.models import build_cnn
+    from pipeline.models import build_cnn, compile_binary
 
     base = repo_config()
     cfg = base.train_cnn
@@ -168,7 +149,10 @@ def main(argv: Sequence[str] | None = None) -> Path:
     models, steps, failures = {}, {}, {}
     for name, (variant, jit, keras_adam) in variants.items():
         steps[name] = max(1, per_run // variant.batch_size)
-        model = recompiled(build_cnn(variant), variant, jit, keras_adam)
+        model = build_cnn(variant)
+        if jit or keras_adam:
+            optimizer = keras.optimizers.Adam(variant.learning_rate) if keras_adam else None
+            compile_binary(model, variant, optimizer, jit_compile=jit or "auto")
         data = in_memory_batches(x, y, variant.batch_size)
         try:  # warm-up: tracing, XLA compilation, oneDNN primitive creation
             model.fit(data, steps_per_epoch=min(3, steps[name]), epochs=1, verbose=0)
@@ -284,8 +268,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
     report.table(
         f"Dense head training step on {head_features} features per image (the configured "
         f"backbone's), batch {base.head.batch_size}; fastest of "
-        f"{len(head_steps[next(iter(head_steps))]['runs_ms_per_step'])} epochs of "
-        f"{head_batches} batches each",
+        f"{len(head_steps['FusedAdam']['runs_ms_per_step'])} runs of {head_batches} steps each",
         ["optimizer", "ms per step", "vs FusedAdam"],
         [
             [name, step["ms_per_step"], f"{ratio(step['ms_per_step'], fused_ms):.2f}x"]
