@@ -34,7 +34,7 @@ class FusedAdam(keras.optimizers.Adam):
     The kernel computes `keras.optimizers.Adam.update_step`'s formulas in one pass over the
     weights and their two moments, where Keras's ops make twelve. For the head that is 25 MB
     (2.1 M weights, each with two moments) read and written per pass, more than a core's
-    cache holds: its training step is ~1.4x faster (`python -m bench.training_step`). One
+    cache holds: its training step is ~1.5x faster (`python -m bench.training_step`). One
     rounding differs: the kernel takes 1 - beta_2 in float32 (0.999987e-3 rather than
     1e-3), which changes each step by ~7e-6 of itself. AMSGrad, sparse gradients and
     weights in other dtypes take Keras's path: in float16, 1 - beta_2 would be far off.
