@@ -105,9 +105,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
         help="comma-separated extra batch sizes measured beside the configured one",
     )
     parser.add_argument("--no-xla", action="store_true", help="skip the jit_compile=True variant")
-    parser.add_argument(
-        "--head-batches", type=int, help="batches per timed head epoch (default 100)"
-    )
+    parser.add_argument("--head-batches", type=int, help="steps per timed head run (default 100)")
     args = parser.parse_args(argv)
 
     import keras
