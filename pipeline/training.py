@@ -21,11 +21,10 @@ class EpochMetricsCallback(mlflow.keras.MlflowCallback):
     """MLflow's Keras callback, logging each epoch's metrics as it ends, synchronously.
 
     MLflow's own queues them for a background thread, which then holds the end of the run for
-    up to a second (it polls its queue once a second); one write per epoch takes ~10 ms
-    (`bench.incremental`). Its
-    per-evaluation `validation_*` metrics, all at step 0, are left out: each epoch's `val_*`
-    metrics carry the same numbers. What it logs as training begins (the optimizer's config as
-    params, the model summary) is MLflow's, unchanged.
+    up to a second (it polls its queue once a second); one write per epoch takes ~5 ms
+    (`bench.incremental`). Its per-evaluation `validation_*` metrics, all at step 0, are
+    left out: each epoch's `val_*` metrics carry the same numbers. What it logs as training
+    begins (the optimizer's config as params, the model summary) is MLflow's, unchanged.
     """
 
     def __init__(self) -> None:
