@@ -7,8 +7,10 @@ FLOPs (convolutions and dense layers from their shapes; a training step is about
 forward pass) times images/s, over that peak. Variants of the configured step (larger
 batches, XLA, Keras's own Adam where the configured optimizer is `adam`) are measured beside
 it, as candidates for params.yaml or pipeline/. So is the dense head's training step, on
-random features of the configured backbone's size: its update, not its arithmetic, is what
-costs, so `pipeline.models.FusedAdam` is timed against `keras.optimizers.Adam` there.
+random features of the configured backbone's size: a few milliseconds, where its update
+and the round trip from Python to each compiled step are what cost, so the configured head
+(`pipeline.models.FusedAdam`, `compute.steps_per_execution` steps per call) is timed
+against one step per call and against `keras.optimizers.Adam`.
 
     python -m bench.training_step [--images DIR_OR_ZIP] [--out bench/results] [--quick]
 """
@@ -46,19 +48,26 @@ def backbone_feature_size(cfg: FeaturesConfig) -> int:
     return int(build_backbone(cfg.model_copy(update={"weights": "none"})).output_shape[-1])
 
 
-def head_step_ms(cfg: Config, features: int, batches: int, repeats: int) -> dict[str, Any]:
-    """ms per training step of the configured head, with `FusedAdam` and with Keras's Adam.
+CONFIGURED_HEAD = "configured: FusedAdam"
+ONE_STEP_PER_CALL = "FusedAdam, steps_per_execution 1"
+KERAS_ADAM = "keras.optimizers.Adam"
 
-    The features are random, non-negative and ~40% zeros, like post-ReLU ones: only their
-    shape matters to the step's time. Each timed run is one `fit` of `batches` steps, its
-    setup included, as for the CNN; the two optimizers take turns, alternating which goes
-    first, and the fastest run of each counts.
+
+def head_step_ms(cfg: Config, features: int, batches: int, repeats: int) -> dict[str, Any]:
+    """ms per training step of the configured head, beside two variants of it.
+
+    The configured head uses `FusedAdam` and `compute.steps_per_execution`; the variants take
+    one compiled call per step, or Keras's own Adam. The features are random, non-negative
+    and ~40% zeros, like post-ReLU ones: only their shape matters to the step's time. Each
+    timed run is one `fit` of `batches` steps, its setup included, as for the CNN; the
+    variants take turns, rotating which goes first, and the fastest run of each counts.
     """
     import keras
 
     from pipeline.models import build_head, compile_binary
 
     head_cfg = cfg.head.model_copy(update={"optimizer": "adam"})
+    per_call = cfg.compute.steps_per_execution
     rng = np.random.default_rng(cfg.common.seed)
     count = batches * head_cfg.batch_size
     x = np.maximum(rng.normal(0.25, 1.0, (count, features)), 0).astype(np.float32)
@@ -66,18 +75,18 @@ def head_step_ms(cfg: Config, features: int, batches: int, repeats: int) -> dict
     data = in_memory_batches(x, y, head_cfg.batch_size)
     keras.utils.set_random_seed(cfg.common.seed)
     keras_adam = keras.optimizers.Adam(learning_rate=head_cfg.learning_rate)
-    heads = {
-        "FusedAdam": build_head(features, head_cfg),
-        "keras.optimizers.Adam": compile_binary(
-            build_head(features, head_cfg), head_cfg, keras_adam
-        ),
-    }
+    heads = {CONFIGURED_HEAD: build_head(features, head_cfg, per_call)}
+    if per_call != 1:
+        heads[ONE_STEP_PER_CALL] = build_head(features, head_cfg)
+    heads[KERAS_ADAM] = compile_binary(
+        build_head(features, head_cfg), head_cfg, keras_adam, steps_per_execution=per_call
+    )
     for head in heads.values():  # warm-up: tracing, oneDNN primitive creation
-        head.fit(data, steps_per_epoch=3, epochs=1, verbose=0)
+        head.fit(data, steps_per_epoch=min(batches, 2 * per_call), epochs=1, verbose=0)
     times: dict[str, list[float]] = {name: [] for name in heads}
+    names = list(heads)
     for turn in range(repeats):
-        order = list(heads) if turn % 2 == 0 else list(reversed(heads))
-        for name in order:
+        for name in names[turn % len(names) :] + names[: turn % len(names)]:
             seconds, _ = timed(
                 lambda h=heads[name]: h.fit(data, steps_per_epoch=batches, epochs=1, verbose=0)
             )
@@ -147,10 +156,11 @@ def main(argv: Sequence[str] | None = None) -> Path:
     models, steps, failures = {}, {}, {}
     for name, (variant, jit, keras_adam) in variants.items():
         steps[name] = max(1, per_run // variant.batch_size)
-        model = build_cnn(variant)
+        per_call = base.compute.steps_per_execution
+        model = build_cnn(variant, per_call)
         if jit or keras_adam:
             optimizer = keras.optimizers.Adam(variant.learning_rate) if keras_adam else None
-            compile_binary(model, variant, optimizer, jit_compile=jit or "auto")
+            compile_binary(model, variant, optimizer, jit or "auto", per_call)
         data = in_memory_batches(x, y, variant.batch_size)
         try:  # warm-up: tracing, XLA compilation, oneDNN primitive creation
             model.fit(data, steps_per_epoch=min(3, steps[name]), epochs=1, verbose=0)
@@ -237,9 +247,13 @@ def main(argv: Sequence[str] | None = None) -> Path:
         "configured_conv_share_of_peak": results[configured].get("conv_share_of_peak"),
         "head_feature_size": head_features,
         "head_steps": head_steps,
+        "head_steps_per_execution": base.compute.steps_per_execution,
         "head_keras_adam_over_fused": ratio(
-            head_steps["keras.optimizers.Adam"]["ms_per_step"],
-            head_steps["FusedAdam"]["ms_per_step"],
+            head_steps[KERAS_ADAM]["ms_per_step"], head_steps[CONFIGURED_HEAD]["ms_per_step"]
+        ),
+        "head_one_step_per_call_over_configured": ratio(
+            head_steps.get(ONE_STEP_PER_CALL, {}).get("ms_per_step"),
+            head_steps[CONFIGURED_HEAD]["ms_per_step"],
         ),
     }
     report.table(
@@ -262,14 +276,16 @@ def main(argv: Sequence[str] | None = None) -> Path:
         ["pass", "images/s", "conv share of peak"],
         [["predict", forward_rate, pct(report.results["forward_conv_share_of_peak"])]],
     )
-    fused_ms = head_steps["FusedAdam"]["ms_per_step"]
+    configured_ms = head_steps[CONFIGURED_HEAD]["ms_per_step"]
     report.table(
         f"Dense head training step on {head_features} features per image (the configured "
-        f"backbone's), batch {base.head.batch_size}; fastest of "
-        f"{len(head_steps['FusedAdam']['runs_ms_per_step'])} runs of {head_batches} steps each",
-        ["optimizer", "ms per step", "vs FusedAdam"],
+        f"backbone's), batch {base.head.batch_size}, steps_per_execution "
+        f"{base.compute.steps_per_execution} unless named; fastest of "
+        f"{len(head_steps[CONFIGURED_HEAD]['runs_ms_per_step'])} runs of {head_batches} "
+        "steps each",
+        ["head", "ms per step", "vs configured"],
         [
-            [name, step["ms_per_step"], f"{ratio(step['ms_per_step'], fused_ms):.2f}x"]
+            [name, step["ms_per_step"], f"{ratio(step['ms_per_step'], configured_ms):.2f}x"]
             for name, step in head_steps.items()
         ],
     )

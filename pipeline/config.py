@@ -47,6 +47,7 @@ class ComputeConfig(Section):
     device: Literal["auto", "cpu", "gpu"] = "auto"
     precision: Literal["auto", "float32", "mixed_float16", "mixed_bfloat16"] = "auto"
     cache_images: bool = True
+    steps_per_execution: PositiveInt = 1
 
 
 class ModelPaths(Section):

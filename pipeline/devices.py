@@ -63,6 +63,7 @@ class ComputePlan:
     device: str  # "cpu" or "gpu"
     precision: str  # the Keras dtype policy: float32, mixed_float16 or mixed_bfloat16
     devices: tuple[str, ...]  # the logical devices holding one replica each
+    steps_per_execution: int = 1  # batches per compiled training call
 
     @property
     def replicas(self) -> int:
@@ -95,6 +96,7 @@ class ComputePlan:
             "compute.replicas": self.replicas,
             "compute.global_batch_size": self.global_batch_size(per_replica_batch),
             "compute.devices": ",".join(self.devices),
+            "compute.used_steps_per_execution": self.steps_per_execution,
         }
 
 
@@ -112,6 +114,9 @@ def plan_compute(
     cores run it 2-3x faster than float32), mixed bfloat16 on a CPU with native bfloat16
     (`cpu_bf16`: about 2x for VGG16 and the scratch CNN; bench.precision), else float32.
     Float16 on a CPU is emulated and slower than float32, so it is refused there.
+    `steps_per_execution` falls back to 1 on several replicas: Keras's loop of several steps
+    per call fails under `MirroredStrategy` ("You must feed a value for placeholder tensor
+    'while/cond/Placeholder'", keras-team/keras#19246, open as of Keras 3.15).
     """
     if cfg.device == "gpu" and not gpus:
         raise DeviceError(
@@ -135,7 +140,8 @@ def plan_compute(
             "slower than float32. Use auto, float32 or mixed_bfloat16 on a CPU."
         )
     check_single_host(tf_config)
-    return ComputePlan(device, precision, names)
+    steps_per_execution = cfg.steps_per_execution if len(names) == 1 else 1
+    return ComputePlan(device, precision, names, steps_per_execution)
 
 
 def check_single_host(tf_config: str | None) -> None:

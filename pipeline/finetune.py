@@ -63,7 +63,7 @@ def finetune(cfg: Config) -> None:
     with strategy.scope():
         # Copies in this machine's precision: the saved files keep the one they were written in.
         backbone, head = (in_current_precision(model) for model in saved)
-        model, unfrozen = build_finetune_model(backbone, head, params)
+        model, unfrozen = build_finetune_model(backbone, head, params, plan.steps_per_execution)
     size = backbone.input_shape[1:3]
     batch_size = plan.global_batch_size(params.batch_size)
     datasets = training_datasets(

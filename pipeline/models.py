@@ -86,14 +86,20 @@ def compile_binary(
     cfg: OptimizerMixin,
     optimizer: keras.optimizers.Optimizer | None = None,
     jit_compile: bool | str = "auto",
+    steps_per_execution: int = 1,
 ) -> keras.Model:
     """Compiles `model` as every stage trains it; `optimizer` and `jit_compile` let the
-    benchmarks measure alternatives to `make_optimizer(cfg)` and Keras's default."""
+    benchmarks measure alternatives to `make_optimizer(cfg)` and Keras's default.
+
+    `steps_per_execution` batches run inside one compiled call: the same updates in the same
+    order (`compute.steps_per_execution` in params.yaml), with one Python round trip each.
+    """
     model.compile(
         optimizer=optimizer or make_optimizer(cfg),
         loss="binary_crossentropy",
         metrics=["accuracy", keras.metrics.AUC(name="auc")],
         jit_compile=jit_compile,
+        steps_per_execution=steps_per_execution,
     )
     return model
 
@@ -108,7 +114,7 @@ def probability_of_dog(x):
     return keras.layers.Dense(1, activation="sigmoid", dtype="float32", name=OUTPUT_LAYER)(x)
 
 
-def build_cnn(cfg: TrainCnnConfig) -> keras.Model:
+def build_cnn(cfg: TrainCnnConfig, steps_per_execution: int = 1) -> keras.Model:
     """The tutorial's small CNN: conv/pool blocks, dense layers with dropout, a sigmoid."""
     inputs = keras.Input(shape=(*cfg.image_size, 3), name="image")
     x = keras.layers.Rescaling(1.0 / 255)(inputs)
@@ -123,7 +129,8 @@ def build_cnn(cfg: TrainCnnConfig) -> keras.Model:
         x = keras.layers.Dense(units, activation="relu")(x)
         x = keras.layers.Dropout(cfg.dropout)(x)
     outputs = probability_of_dog(x)
-    return compile_binary(keras.Model(inputs, outputs, name="cnn"), cfg)
+    model = keras.Model(inputs, outputs, name="cnn")
+    return compile_binary(model, cfg, steps_per_execution=steps_per_execution)
 
 
 def resolve_weights(weights: str) -> str | None:
@@ -247,13 +254,14 @@ def weights_help(cfg: FeaturesConfig, error: Exception) -> str:
     return f"Could not load {name} weights from {cfg.weights}: {type(error).__name__}: {error}"
 
 
-def build_head(feature_dim: int, cfg: HeadConfig) -> keras.Model:
+def build_head(feature_dim: int, cfg: HeadConfig, steps_per_execution: int = 1) -> keras.Model:
     """The small dense classifier trained on bottleneck features."""
     inputs = keras.Input(shape=(feature_dim,), name="features")
     x = keras.layers.Dense(cfg.units, activation="relu")(inputs)
     x = keras.layers.Dropout(cfg.dropout)(x)
     outputs = probability_of_dog(x)
-    return compile_binary(keras.Model(inputs, outputs, name="head"), cfg)
+    model = keras.Model(inputs, outputs, name="head")
+    return compile_binary(model, cfg, steps_per_execution=steps_per_execution)
 
 
 def compose_transfer(backbone: keras.Model, head: keras.Model) -> keras.Model:
@@ -330,9 +338,9 @@ def match_trainable(source: keras.layers.Layer, copy: keras.layers.Layer) -> Non
 
 
 def build_finetune_model(
-    backbone: keras.Model, head: keras.Model, cfg: FinetuneConfig
+    backbone: keras.Model, head: keras.Model, cfg: FinetuneConfig, steps_per_execution: int = 1
 ) -> tuple[keras.Model, list[str]]:
     """Backbone and trained head as one model, the top of the backbone unfrozen, compiled."""
     unfrozen = unfreeze_top(backbone, cfg.unfreeze_layers)
     model = compose_transfer(backbone, head)
-    return compile_binary(model, cfg), unfrozen
+    return compile_binary(model, cfg, steps_per_execution=steps_per_execution), unfrozen

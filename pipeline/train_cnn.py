@@ -45,7 +45,7 @@ def main() -> None:
     )
     with datasets as (train_data, validation_data):
         with strategy.scope():
-            model = build_cnn(params)
+            model = build_cnn(params, plan.steps_per_execution)
         sections = ("common", "compute", "train_cnn")
         with tracking.stage_run("train_cnn", cfg, *sections, system_metrics=True):
             mlflow.log_params(plan.params(params.batch_size))

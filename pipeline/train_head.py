@@ -59,7 +59,7 @@ def main() -> None:
     train_data = feature_dataset(train_x, train_y, batch_size, seed, plan.replicas)
     validation_data = feature_dataset(val_x, val_y, batch_size, replicas=plan.replicas)
     with strategy.scope():
-        head = build_head(train_x.shape[1], params)
+        head = build_head(train_x.shape[1], params, plan.steps_per_execution)
     with tracking.stage_run("train_head", cfg, "common", "compute", "head"):
         mlflow.log_params(plan.params(params.batch_size))
         tracking.log_image_inputs(as_images(train_files, train_y), "features/train", "training")

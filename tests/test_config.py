@@ -52,6 +52,10 @@ def test_config_is_frozen(repo_config) -> None:
         ),
         ({"download__source": "local"}, "needs download.local_path"),
         (
+            {"compute__steps_per_execution": 0},
+            "compute.steps_per_execution: Input should be greater than 0",
+        ),
+        (
             {"features__backbone": "alexnet"},
             "features.backbone: Input should be 'vgg16', 'resnet50'",
         ),

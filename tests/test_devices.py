@@ -41,6 +41,15 @@ def test_auto_without_a_gpu_is_one_cpu_replica_in_float32() -> None:
     assert plan.global_batch_size(32) == 32
 
 
+def test_steps_per_execution_falls_back_to_one_on_several_replicas() -> None:
+    asked = ComputeConfig(steps_per_execution=16)
+    assert plan_compute(asked, [], CPU).steps_per_execution == 16
+    assert plan_compute(asked, ["/device:GPU:0"], CPU).steps_per_execution == 16
+    on_two = plan_compute(asked, TWO_GPUS, CPU)
+    assert on_two.steps_per_execution == 1
+    assert on_two.params(32)["compute.used_steps_per_execution"] == 1
+
+
 def test_auto_takes_mixed_bfloat16_on_a_cpu_that_computes_it_natively() -> None:
     assert plan_compute(ComputeConfig(), [], CPU, cpu_bf16=True).precision == "mixed_bfloat16"
     on_gpus = plan_compute(ComputeConfig(), TWO_GPUS, CPU, cpu_bf16=True)
@@ -177,6 +186,7 @@ def tiny_workspace(root: Path, splits: dict[str, tuple[int, int]] = UNEVEN_SPLIT
     params["features"].update(weights="none", image_size=[32, 32], batch_size=4)
     params["head"].update(one_epoch, units=8)
     params["finetune"].update(one_epoch, enabled=True, use_augmented=False)
+    params["compute"]["steps_per_execution"] = 16  # asked for; several replicas take 1
     root.mkdir(parents=True)
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     for number, (split, counts) in enumerate(splits.items()):
@@ -234,6 +244,9 @@ def test_the_training_stages_run_on_two_replicas_and_save_and_log_once(tmp_path:
         assert params["compute.strategy"] == "mirrored" and params["compute.replicas"] == "2"
         assert params["compute.global_batch_size"] == "8", stage
         assert params["compute.used_device"] == "cpu" and params["compute.device"] == "auto"
+        # Asked for 16; one per call is what Keras can run under MirroredStrategy.
+        assert params["compute.steps_per_execution"] == "16", stage
+        assert params["compute.used_steps_per_execution"] == "1", stage
         # The head gains nothing from bfloat16 on a CPU; the convolutional stages twice.
         expected = "float32" if stage == "train_head" else "mixed_bfloat16"
         assert params["compute.used_precision"] == expected, stage

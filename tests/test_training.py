@@ -3,6 +3,7 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
+import keras
 import mlflow
 import numpy as np
 import pytest
@@ -42,6 +43,32 @@ def test_head_learns_separable_features_and_outputs_are_saved(tmp_path: Path) ->
     rows = list(csv.DictReader((tmp_path / "r/history.csv").open()))
     assert len(rows) == summary["epochs_run"] and rows[0]["epoch"] == "1"
     assert {"loss", "val_loss", "accuracy", "val_accuracy"} <= set(rows[0])
+
+
+def test_steps_per_execution_changes_no_update(tmp_path: Path) -> None:
+    # Several batches per compiled call: the same weights after every epoch, dropout and the
+    # last partial call (10 batches in calls of 4) included, and the same history.
+    rng = np.random.default_rng(2)
+    labels = rng.integers(0, 2, 80).astype(np.int8)
+    features = np.maximum(rng.normal(0, 1, (80, 6)), 0).astype("float32")
+    cfg = tiny_config().head.model_copy(update={"units": 8, "epochs": 3, "patience": 3})
+    trained = {}
+    for per_call in (1, 4):
+        keras.utils.set_random_seed(0)
+        model = build_head(6, cfg, steps_per_execution=per_call)
+        assert model.steps_per_execution == per_call
+        history = fit(
+            model,
+            feature_dataset(features, labels, 8, shuffle_seed=0),
+            feature_dataset(features, labels, 8),
+            cfg,
+            log_to_mlflow=False,
+        )
+        trained[per_call] = (model.get_weights(), history)
+    (one_weights, one_history), (four_weights, four_history) = trained[1], trained[4]
+    assert one_history == four_history and len(one_history["loss"]) == 3
+    for one, four in zip(one_weights, four_weights, strict=True):
+        np.testing.assert_array_equal(one, four)
 
 
 def test_epoch_metrics_are_in_the_store_before_the_run_ends(tmp_path: Path, monkeypatch) -> None:
