@@ -13,12 +13,19 @@ default run fits in about 25 minutes on a 2-core CPU: VGG16 at 150x150 would tak
 for the largest N alone. With one epoch, train_cnn's work at 1,000 and 4,000 images (2 and
 8 s) drowns in its ~17 s of start-up and the noise around it.
 
+Small images make small features (1x1x512 at 32x32), which hide what the head holds: so
+`train_head`'s feeding is also measured apart, on N random feature vectors of the configured
+backbone's full length (8,192 for VGG16 at 150x150), stored as `features.dtype`, each way
+in its own subprocess: as `pipeline.train_head.feature_dataset` feeds it, and as it was fed
+before (every row as float32, shuffled through a buffer of all of them).
+
     python -m bench.memory [--sizes 1000,4000,16000] [--repeats 3] [--epochs 3] [--quick]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shlex
@@ -38,6 +45,7 @@ from bench.common import (
     base_parser,
     dvc_stages,
     ratio,
+    repo_config,
     write_synthetic_images,
 )
 
@@ -48,6 +56,104 @@ FLAT_GROWTH = 1.25  # peak at the largest N at most 25% above the peak at the sm
 # Linear: one straight line through (N, seconds) predicts every measured time within 10%.
 # (R^2 misleads here: where start-up dominates, noise outweighs the small slope.)
 LINEAR_TOLERANCE = 0.10
+
+
+HEAD_FEEDINGS = {
+    "indices": "feature_dataset (stored dtype, gathered by index)",
+    "rows": "before: float32 rows through a shuffle buffer",
+}
+QUICK_FEATURE_DIM = 64
+
+
+def rows_dataset(features: np.ndarray, labels: np.ndarray, batch_size: int, seed: int | None):
+    """How the head was fed before `feature_dataset`, on one replica (without
+    `splittable_over_replicas`): float32 rows, shuffled through a buffer holding all of them."""
+    import tensorflow as tf
+
+    dataset = tf.data.Dataset.from_tensor_slices((features, labels.astype(np.float32)))
+    if seed is not None:
+        dataset = dataset.shuffle(len(labels), seed=seed, reshuffle_each_iteration=True)
+    return dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+
+
+def probe_head_feeding(feeding: str, train: int, validation: int, dim: int, epochs: int) -> None:
+    """Run in a fresh interpreter: the configured head, fed `feeding`, for `epochs` on random
+    post-ReLU-like features of `dim`, held as `features.dtype` as `np.load` gives them."""
+    import keras
+
+    from pipeline.models import build_head
+    from pipeline.train_head import feature_dataset
+    from pipeline.training import fit
+
+    cfg = repo_config()
+    rng = np.random.default_rng(cfg.common.seed)
+    count = train + validation
+    # Filled 1,000 rows at a time: one float64 draw of them all would outweigh what is measured.
+    features = np.empty((count, dim), cfg.features.dtype)
+    for start in range(0, count, 1000):
+        rows = features[start : start + 1000]
+        rows[:] = np.maximum(rng.normal(0.25, 1.0, rows.shape), 0)
+    labels = (rng.random(count) < 0.5).astype(np.int8)
+    if feeding == "rows":  # as `load_features` gave them then: float32, the stored ones freed
+        features = features.astype(np.float32)
+    make = feature_dataset if feeding == "indices" else rows_dataset
+    batch = cfg.head.batch_size
+    data = (
+        make(features[:train], labels[:train], batch, cfg.common.seed),
+        make(features[train:], labels[train:], batch, None),
+    )
+    keras.utils.set_random_seed(cfg.common.seed)
+    head = build_head(dim, cfg.head, cfg.compute.steps_per_execution)
+    with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
+        fit(head, *data, cfg.head.model_copy(update={"epochs": epochs}), log_to_mlflow=False)
+
+
+def configured_feature_dim() -> int:
+    """The configured backbone's feature length, found in a child process.
+
+    Not here: a child's `ru_maxrss` starts from its parent's resident size when it forks, so
+    a backbone built in this process would count in every stage's peak measured after it.
+    """
+    from bench.incremental import in_fresh_interpreter
+
+    _, last_line, _ = in_fresh_interpreter(
+        "from bench.common import repo_config; "
+        "from bench.training_step import backbone_feature_size; "
+        "print(backbone_feature_size(repo_config().features))"
+    )
+    return int(last_line)
+
+
+def measure_head_feeding(
+    sizes: Sequence[int], dim: int, epochs: int, workdir: Path, timeout: float
+) -> dict[str, dict[int, dict]]:
+    """Peak RSS and seconds of `probe_head_feeding`, each feeding at each N, taking turns."""
+    from pipeline.split import split_counts
+    from tests.pipeline_copy import clean_env
+
+    split = repo_config().split
+    measured: dict[str, dict[int, dict]] = {feeding: {} for feeding in HEAD_FEEDINGS}
+    for n in sizes:
+        train, validation, _ = split_counts(n, split)
+        for feeding in HEAD_FEEDINGS:
+            code = (
+                "from bench.memory import probe_head_feeding; "
+                f"probe_head_feeding({feeding!r}, {train}, {validation}, {dim}, {epochs})"
+            )
+            log = workdir / f"head-{feeding}-{n}.log"
+            result = run_measured(
+                [sys.executable, "-c", code], workdir, clean_env(REPO_ROOT), log, timeout
+            )
+            if result["returncode"] != 0:
+                tail = log.read_text(errors="replace")[-3000:]
+                raise SystemExit(f"memory: train_head fed by {feeding} failed at N={n}:\n{tail}")
+            measured[feeding][n] = {**result, "train": train, "validation": validation}
+            print(
+                f"memory: head fed by {feeding}, N={n}: {result['seconds']:.1f} s, "
+                f"peak {result['peak_rss_mib']:.0f} MiB",
+                flush=True,
+            )
+    return measured
 
 
 def run_measured(
@@ -97,14 +203,17 @@ def fit_line(xs: Sequence[float], ys: Sequence[float]) -> dict[str, float] | Non
 
 def measure(
     args: argparse.Namespace, sizes: list[int], params: dict, repeats: int
-) -> tuple[dict, dict]:
-    """Every stage at every size, then the import floors: `(per_size, floors)`."""
+) -> tuple[dict, dict, dict]:
+    """Every stage at every size, the head's feedings, then the import floors."""
     from tests.pipeline_copy import clean_env
 
     per_size: dict[int, dict] = {}
     with tempfile.TemporaryDirectory(prefix="bench-memory-", dir=args.workdir) as workdir:
         for n in sizes:
             per_size[n] = measure_size(n, Path(workdir), params, args.timeout, repeats)
+        head_feeding = measure_head_feeding(
+            sizes, args.feature_dim, params["head"]["epochs"], Path(workdir), args.timeout
+        )
         floors = {
             name: run_measured(
                 [sys.executable, "-c", f"import pipeline.{name}"],
@@ -115,10 +224,10 @@ def measure(
             )
             for name in ("split", "train_cnn")
         }
-    return per_size, floors
+    return per_size, floors, head_feeding
 
 
-def reload(report: Report, path: Path) -> tuple[list[int], dict, int, dict, dict]:
+def reload(report: Report, path: Path) -> tuple[list[int], dict, int, dict, dict, dict]:
     """The measurements of an earlier run's JSON, to summarize them again without re-running."""
     old = json.loads(path.read_text())
     sizes = [int(n) for n in old["settings"]["sizes"]]
@@ -139,12 +248,17 @@ def reload(report: Report, path: Path) -> tuple[list[int], dict, int, dict, dict
         f"{old['wall_s']:.0f} s, by `{old['command'].strip()}`."
     )
     settings = old["settings"]
+    head_feeding = {
+        feeding: {int(n): run for n, run in runs.items()}
+        for feeding, runs in old["results"].get("head_feeding", {}).items()
+    }
     return (
         sizes,
         settings["params"],
         settings["image_size"],
         per_size,
         old["results"]["import_floor"],
+        head_feeding,
     )
 
 
@@ -213,6 +327,12 @@ def main(argv: Sequence[str] | None = None) -> Path:
         "--sizes", help="comma-separated image counts (default 1000,4000,16000; quick 16,32)"
     )
     parser.add_argument("--image-size", type=int, default=32, help="model input side (32-1024)")
+    parser.add_argument(
+        "--feature-dim",
+        type=int,
+        help="feature length for the head's feeding (default: the configured backbone's; "
+        f"quick {QUICK_FEATURE_DIM})",
+    )
     parser.add_argument("--timeout", type=float, default=3600, help="seconds per stage")
     parser.add_argument("--workdir", type=Path, help="where to make the copies (default: temp)")
     parser.add_argument("--finetune", action="store_true", help="run the finetune stage too")
@@ -240,15 +360,18 @@ def main(argv: Sequence[str] | None = None) -> Path:
         sizes = list(QUICK_SIZES if args.quick else DEFAULT_SIZES)
     if sizes[0] < 8:
         parser.error("--sizes: at least 8 images, so every split gets both classes")
+    if args.feature_dim is None and not args.from_json:
+        args.feature_dim = QUICK_FEATURE_DIM if args.quick else configured_feature_dim()
 
     report = Report("memory", "Peak memory and time per stage as N grows", args.quick)
     image_size = args.image_size
     if args.from_json:
-        sizes, params, image_size, per_size, floors = reload(report, args.from_json)
+        sizes, params, image_size, per_size, floors, head_feeding = reload(report, args.from_json)
+        args.feature_dim = json.loads(args.from_json.read_text())["settings"].get("feature_dim")
         old_settings = json.loads(args.from_json.read_text())["settings"]
         repeats = old_settings.get("repeats_of_watched_stages", 1)
     else:
-        per_size, floors = measure(args, sizes, params, repeats)
+        per_size, floors, head_feeding = measure(args, sizes, params, repeats)
 
     stages: dict[str, dict] = {}
     for stage in per_size[sizes[0]]:
@@ -278,6 +401,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
         "repeats_of_watched_stages": repeats,
         "flat_if_growth_at_most": FLAT_GROWTH,
         "linear_if_line_misses_at_most": LINEAR_TOLERANCE,
+        "feature_dim": args.feature_dim,
     }
     report.results = {
         "stages": stages,
@@ -288,6 +412,11 @@ def main(argv: Sequence[str] | None = None) -> Path:
         "training_and_extraction_time_linear": all(stages[s]["time_linear"] for s in watched)
         if len(sizes) > 2
         else None,
+        "head_feeding": head_feeding,
+        "head_feeding_peak_rows_over_indices": {
+            n: ratio(head_feeding["rows"][n]["peak_rss_mib"], run["peak_rss_mib"])
+            for n, run in head_feeding.get("indices", {}).items()
+        },
     }
     headers = ["stage"] + [f"peak MiB, N={n:,}" for n in sizes] + ["growth", "flat"]
     report.table(
@@ -328,6 +457,26 @@ def main(argv: Sequence[str] | None = None) -> Path:
             for stage, s in stages.items()
         ],
     )
+    if head_feeding:
+        report.table(
+            f"train_head's feeding on N images' features of {args.feature_dim} "
+            f"({repo_config().features.dtype} as stored; the configured split of N), "
+            f"{params['head']['epochs']} epochs, each way its own process",
+            ["N", "train + validation vectors"]
+            + [f"peak MiB, {label}" for label in HEAD_FEEDINGS.values()]
+            + ["peak, before / now"]
+            + [f"s, {label}" for label in HEAD_FEEDINGS.values()],
+            [
+                [
+                    n,
+                    f"{run['train']:,} + {run['validation']:,}",
+                    *(head_feeding[f][n]["peak_rss_mib"] for f in HEAD_FEEDINGS),
+                    f"{report.results['head_feeding_peak_rows_over_indices'][n]:.2f}x",
+                    *(head_feeding[f][n]["seconds"] for f in HEAD_FEEDINGS),
+                ]
+                for n, run in head_feeding["indices"].items()
+            ],
+        )
     report.target(
         "train_cnn and extract_features peaks flat",
         report.results["training_and_extraction_peaks_flat"],

@@ -118,10 +118,16 @@ def as_stored(chunk: np.ndarray, dtype: np.dtype) -> np.ndarray:
     return np.ascontiguousarray(chunk, dtype=dtype)
 
 
-def load_features(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """`(features, labels, files)` as written by this stage; features as float32."""
+def load_features(
+    path: Path, dtype: str | None = "float32"
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`(features, labels, files)` as written by this stage; features as `dtype`, or as
+    stored (`features.dtype`) for None."""
     with np.load(path) as data:
-        return data["features"].astype(np.float32, copy=False), data["labels"], data["files"]
+        features = data["features"]
+        if dtype is not None:
+            features = features.astype(dtype, copy=False)
+        return features, data["labels"], data["files"]
 
 
 def main() -> None:

@@ -59,6 +59,14 @@ def check_images(images: list[LabeledImage], workers: int | None = None) -> list
         return list(tqdm(pool.map(check_image, images, chunksize=64), **progress))
 
 
+def split_counts(count: int, cfg: SplitConfig) -> tuple[int, int, int]:
+    """How many of `count` images go to train, validation and test."""
+    # Counts, not fractions: 0.2 + 0.1 is 0.30000000000000004, which sklearn rounds up.
+    validation = round(count * cfg.validation_fraction)
+    test = round(count * cfg.test_fraction)
+    return count - validation - test, validation, test
+
+
 def split_files(
     images: list[LabeledImage], cfg: SplitConfig, seed: int
 ) -> dict[str, list[LabeledImage]]:
@@ -70,9 +78,7 @@ def split_files(
     if cfg.n is not None and cfg.n < len(images):
         images, _ = train_test_split(images, train_size=cfg.n, stratify=labels, random_state=seed)
         labels = [item.label for item in images]
-    # Counts, not fractions: 0.2 + 0.1 is 0.30000000000000004, which sklearn rounds up.
-    n_validation = round(len(images) * cfg.validation_fraction)
-    n_test = round(len(images) * cfg.test_fraction)
+    _, n_validation, n_test = split_counts(len(images), cfg)
     try:
         train, rest = train_test_split(
             images, test_size=n_validation + n_test, stratify=labels, random_state=seed

@@ -164,6 +164,14 @@ def test_memory_reports_each_stage(tmp_path: Path) -> None:
     for stage in results["stages"].values():
         assert_positive(*stage["peak_rss_mib"].values(), *stage["seconds"].values())
     assert_positive(results["import_floor"]["train_cnn"]["peak_rss_mib"])
+    # The head fed both ways, on the configured split of 12: 9 training and 2 validation
+    # vectors, of the quick feature length.
+    assert set(results["head_feeding"]) == set(memory.HEAD_FEEDINGS)
+    for runs in results["head_feeding"].values():
+        (run,) = runs.values()
+        assert (run["train"], run["validation"], run["returncode"]) == (9, 2, 0)
+        assert_positive(run["peak_rss_mib"], run["seconds"])
+    assert_positive(*results["head_feeding_peak_rows_over_indices"].values())
 
 
 @pytest.mark.slow

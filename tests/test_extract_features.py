@@ -25,6 +25,7 @@ def test_saved_chunks_load_back_as_one_array_with_labels_and_files(tmp_path: Pat
 
     loaded, labels, files = load_features(tmp_path / "train.npz")
     np.testing.assert_array_equal(loaded, features)
+    assert loaded.dtype == np.float32
     assert labels.tolist() == [0] * 5 + [1] * 5 and labels.dtype == np.int8
     assert files.tolist() == [image.path.as_posix() for image in images]
     reference = tmp_path / "reference.npz"
@@ -53,7 +54,7 @@ def test_save_refuses_fewer_rows_than_images(tmp_path: Path) -> None:
         save_features(tmp_path / "x.npz", [np.zeros((1, 3), np.float32)], 3, images)
 
 
-def test_float16_storage_halves_the_file_and_loads_as_float32(tmp_path: Path) -> None:
+def test_float16_storage_halves_the_file_and_loads_as_float32_or_as_stored(tmp_path: Path) -> None:
     images = labeled([tmp_path / f"cat.{n}.jpg" for n in range(50)])
     features = np.random.default_rng(0).gamma(1.0, 20.0, size=(50, 512)).astype(np.float32)
     save_features(tmp_path / "32.npz", [features], 512, images, "float32")
@@ -62,6 +63,9 @@ def test_float16_storage_halves_the_file_and_loads_as_float32(tmp_path: Path) ->
     loaded, _, _ = load_features(tmp_path / "16.npz")
     assert loaded.dtype == np.float32
     np.testing.assert_allclose(loaded, features, rtol=1e-3)
+    as_stored, _, _ = load_features(tmp_path / "16.npz", dtype=None)  # as train_head holds them
+    assert as_stored.dtype == np.float16
+    np.testing.assert_array_equal(as_stored.astype(np.float32), loaded)
     assert (tmp_path / "16.npz").stat().st_size < 0.6 * (tmp_path / "32.npz").stat().st_size
 
 

@@ -7,6 +7,7 @@ import keras
 import mlflow
 import numpy as np
 import pytest
+import tensorflow as tf
 from mlflow.tracking import MlflowClient
 
 from pipeline.models import build_head
@@ -45,9 +46,44 @@ def test_head_learns_separable_features_and_outputs_are_saved(tmp_path: Path) ->
     assert {"loss", "val_loss", "accuracy", "val_accuracy"} <= set(rows[0])
 
 
+def test_feature_batches_are_float32_rows_with_their_labels_in_shuffled_order() -> None:
+    # Row i holds i in every column and the label i, stored as float16 as on disk.
+    rows = np.repeat(np.arange(20, dtype=np.float16)[:, None], 3, axis=1)
+    labels = np.arange(20)
+    epochs = []
+    dataset = feature_dataset(rows, labels, 8, shuffle_seed=0)
+    for _ in range(2):
+        batches = list(dataset.as_numpy_iterator())
+        assert [len(y) for _, y in batches] == [8, 8, 4]
+        seen = np.concatenate([x for x, _ in batches])
+        assert seen.dtype == np.float32 and (seen == seen[:, :1]).all()
+        np.testing.assert_array_equal(np.concatenate([y for _, y in batches]), seen[:, 0])
+        epochs.append(seen[:, 0].astype(int).tolist())
+    assert sorted(epochs[0]) == list(range(20)) and epochs[0] != list(range(20))
+    assert epochs[0] != epochs[1]  # reshuffled each epoch
+    # Shuffling indices gives the order shuffling the rows themselves would.
+    rows_shuffled = tf.data.Dataset.from_tensor_slices(rows.astype(np.float32)).shuffle(
+        20, seed=0, reshuffle_each_iteration=True
+    )
+    assert [int(row[0]) for row in rows_shuffled.as_numpy_iterator()] == epochs[0]
+    in_order = feature_dataset(rows, labels, 8)
+    assert np.concatenate([x for x, _ in in_order.as_numpy_iterator()])[:, 0].tolist() == list(
+        range(20)
+    )
+
+
+def test_feature_batches_leave_no_replica_without_an_example() -> None:
+    # 17 in batches of 8 over two replicas: a last batch of 1 cannot be shared, so it is left out.
+    rows = np.arange(17, dtype=np.float16)[:, None]
+    dataset = feature_dataset(rows, np.arange(17), 8, replicas=2)
+    batches = list(dataset.as_numpy_iterator())
+    assert [len(y) for _, y in batches] == [8, 8]
+    np.testing.assert_array_equal(np.concatenate([x for x, _ in batches])[:, 0], np.arange(16))
+
+
 def test_steps_per_execution_changes_no_update(tmp_path: Path) -> None:
-    # Several batches per compiled call: the same weights after every epoch, dropout and the
-    # last partial call (10 batches in calls of 4) included, and the same history.
+    # Several batches per compiled call: the same weights after three epochs and the same
+    # history every epoch, dropout and the last partial call (10 batches in calls of 4) included.
     rng = np.random.default_rng(2)
     labels = rng.integers(0, 2, 80).astype(np.int8)
     features = np.maximum(rng.normal(0, 1, (80, 6)), 0).astype("float32")
