@@ -82,13 +82,17 @@ def head_step_ms(cfg: Config, features: int, batches: int, repeats: int) -> dict
         build_head(features, head_cfg), head_cfg, keras_adam, steps_per_execution=per_call
     )
     for head in heads.values():  # warm-up: tracing, oneDNN primitive creation
-        head.fit(data, steps_per_epoch=min(batches, 2 * per_call), epochs=1, verbose=0)
+        head.fit(
+            data, steps_per_epoch=min(batches, 2 * per_call), epochs=1, shuffle=False, verbose=0
+        )
     times: dict[str, list[float]] = {name: [] for name in heads}
     names = list(heads)
     for turn in range(repeats):
         for name in names[turn % len(names) :] + names[: turn % len(names)]:
             seconds, _ = timed(
-                lambda h=heads[name]: h.fit(data, steps_per_epoch=batches, epochs=1, verbose=0)
+                lambda h=heads[name]: h.fit(
+                    data, steps_per_epoch=batches, epochs=1, shuffle=False, verbose=0
+                )
             )
             times[name].append(1000 * seconds / batches)
     return {name: {"ms_per_step": min(ms), "runs_ms_per_step": ms} for name, ms in times.items()}
@@ -163,7 +167,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
             compile_binary(model, variant, optimizer, jit or "auto", per_call)
         data = in_memory_batches(x, y, variant.batch_size)
         try:  # warm-up: tracing, XLA compilation, oneDNN primitive creation
-            model.fit(data, steps_per_epoch=min(3, steps[name]), epochs=1, verbose=0)
+            model.fit(data, steps_per_epoch=min(3, steps[name]), epochs=1, shuffle=False, verbose=0)
         except Exception as error:  # XLA may not compile every op; report, don't abort
             failures[name] = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
             continue
@@ -177,7 +181,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
         for name, (model, data) in models.items():
             seconds, _ = timed(
                 lambda m=model, d=data, s=steps[name]: m.fit(
-                    d, steps_per_epoch=s, epochs=1, verbose=0
+                    d, steps_per_epoch=s, epochs=1, shuffle=False, verbose=0
                 )
             )
             times[name].append(seconds)

@@ -50,7 +50,12 @@ def fit(
     if log_to_mlflow:
         callbacks.append(EpochMetricsCallback())
     history = model.fit(
-        train, validation_data=validation, epochs=cfg.epochs, callbacks=callbacks, verbose=2
+        train,
+        validation_data=validation,
+        epochs=cfg.epochs,
+        callbacks=callbacks,
+        shuffle=False,  # the datasets shuffle themselves; Keras warns it cannot shuffle them
+        verbose=2,
     )
     return {name: [float(v) for v in values] for name, values in history.history.items()}
 
