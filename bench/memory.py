@@ -141,18 +141,15 @@ def measure_head_feeding(
                 f"probe_head_feeding({feeding!r}, {train}, {validation}, {dim}, {epochs})"
             )
             log = workdir / f"head-{feeding}-{n}.log"
-            result = run_measured(
-                [sys.executable, "-c", code], workdir, clean_env(REPO_ROOT), log, timeout
+            result = run_or_exit(
+                [sys.executable, "-c", code],
+                workdir,
+                clean_env(REPO_ROOT),
+                log,
+                timeout,
+                f"train_head fed by {feeding} at N={n}",
             )
-            if result["returncode"] != 0:
-                tail = log.read_text(errors="replace")[-3000:]
-                raise SystemExit(f"memory: train_head fed by {feeding} failed at N={n}:\n{tail}")
             measured[feeding][n] = {**result, "train": train, "validation": validation}
-            print(
-                f"memory: head fed by {feeding}, N={n}: {result['seconds']:.1f} s, "
-                f"peak {result['peak_rss_mib']:.0f} MiB",
-                flush=True,
-            )
     return measured
 
 
@@ -179,6 +176,21 @@ def run_measured(
         "peak_rss_mib": usage.ru_maxrss / 1024,  # Linux reports KiB
         "returncode": process.returncode,
     }
+
+
+def run_or_exit(
+    command: Sequence[str], cwd: Path, env: dict[str, str], log: Path, timeout: float, what: str
+) -> dict[str, float | int]:
+    """`run_measured`, printed as `what`; a failure ends the benchmark with the log's tail."""
+    result = run_measured(command, cwd, env, log, timeout)
+    if result["returncode"] != 0:
+        tail = log.read_text(errors="replace")[-3000:]
+        raise SystemExit(f"memory: {what} failed:\n{tail}")
+    print(
+        f"memory: {what}: {result['seconds']:.1f} s, peak {result['peak_rss_mib']:.0f} MiB",
+        flush=True,
+    )
+    return result
 
 
 def fit_line(xs: Sequence[float], ys: Sequence[float]) -> dict[str, float] | None:
@@ -297,15 +309,8 @@ def measure_size(
         runs = []
         for attempt in range(repeats if stage in WATCHED else 1):
             log = workdir / f"{n}-{stage}-{attempt}.log"
-            result = run_measured(command, repo, copy.env, log, timeout)
-            if result["returncode"] != 0:
-                tail = log.read_text(errors="replace")[-3000:]
-                raise SystemExit(f"memory: stage {stage} failed at N={n}:\n{tail}")
-            runs.append(result)
-            print(
-                f"memory: N={n} {stage}: {result['seconds']:.1f} s, "
-                f"peak {result['peak_rss_mib']:.0f} MiB",
-                flush=True,
+            runs.append(
+                run_or_exit(command, repo, copy.env, log, timeout, f"stage {stage} at N={n}")
             )
         measured[stage] = fastest_run(runs)
     return measured
@@ -367,8 +372,8 @@ def main(argv: Sequence[str] | None = None) -> Path:
     image_size = args.image_size
     if args.from_json:
         sizes, params, image_size, per_size, floors, head_feeding = reload(report, args.from_json)
-        args.feature_dim = json.loads(args.from_json.read_text())["settings"].get("feature_dim")
         old_settings = json.loads(args.from_json.read_text())["settings"]
+        args.feature_dim = old_settings.get("feature_dim")
         repeats = old_settings.get("repeats_of_watched_stages", 1)
     else:
         per_size, floors, head_feeding = measure(args, sizes, params, repeats)
