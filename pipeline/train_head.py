@@ -80,7 +80,7 @@ def main() -> None:
     del train_x, val_x  # the datasets hold their own copies
     with strategy.scope():
         head = build_head(feature_length, params, plan.steps_per_execution)
-    with tracking.stage_run("train_head", cfg, "common", "compute", "head"):
+    with tracking.stage_run("train_head", cfg, "common", "compute", "head", system_metrics=True):
         mlflow.log_params(plan.params(params.batch_size))
         tracking.log_image_inputs(as_images(train_files, train_y), "features/train", "training")
         tracking.log_image_inputs(as_images(val_files, val_y), "features/validation", "validation")

@@ -98,6 +98,11 @@ def tiny_pipeline(tmp_path_factory: pytest.TempPathFactory):
     write_kaggle_tree(data / "src", per_class=16)
     archive = zip_tree(data / "src", data / "dogs-vs-cats.zip")
     copy = PipelineCopy.create(tmp_path_factory.mktemp("repo"), archive)
+    # MLflow samples system metrics every 10 s by default, longer than a tiny stage runs.
+    copy.env.update(
+        MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL="0.5",
+        MLFLOW_SYSTEM_METRICS_SAMPLES_BEFORE_LOGGING="1",
+    )
     copy.first_repro_output = copy.dvc("repro")
     return copy
 

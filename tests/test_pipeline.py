@@ -61,6 +61,8 @@ def test_repro_runs_every_stage_and_logs_each_to_mlflow(tiny_pipeline: PipelineC
     by_stage = {run.data.tags["pipeline.stage"]: run for run in children}
     assert by_stage["train_head"].data.params["head.learning_rate"] == "0.0001"
     assert "val_loss" in by_stage["train_cnn"].data.metrics
+    for stage in ("train_cnn", "extract_features", "train_head", "finetune"):
+        assert "system/cpu_utilization_percentage" in by_stage[stage].data.metrics, stage
     history = client.get_metric_history(by_stage["train_cnn"].info.run_id, "val_loss")
     assert [m.step for m in history] == [0, 1]  # one point per epoch
     artifacts = {a.path for a in client.list_artifacts(by_stage["evaluate"].info.run_id, "reports")}
