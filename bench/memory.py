@@ -9,9 +9,9 @@ stays flat as N grows streams its data; time should grow linearly in N. The watc
 as `timeit` does: on a shared 2-core machine the same work has taken 1.8x longer from one
 run to the next, which would read as non-linearity. The training stages run `--epochs`
 (default 3, never stopped early) and images are small (`--image-size`, default 32) so the
-default run fits in about 25 minutes on a 2-core CPU: VGG16 at 150x150 would take an hour
-for the largest N alone. With one epoch, train_cnn's work at 1,000 and 4,000 images (2 and
-8 s) drowns in its ~17 s of start-up and the noise around it.
+default run fits in about 13 minutes on a 2-core CPU (25 on a slower Xeon): VGG16 at
+150x150 would take an hour for the largest N alone. With one epoch, train_cnn's work at
+1,000 and 4,000 images (2 and 8 s) drowns in its ~17 s of start-up and the noise around it.
 
 Small images make small features (1x1x512 at 32x32), which hide what the head holds: so
 `train_head`'s feeding is also measured apart, on N random feature vectors of the configured

@@ -1,4 +1,4 @@
-"""Stage 7: both models on the held-out test split, side by side.
+"""Stage 8: every model on the held-out test split, side by side (the fine-tuned one too, when on).
 
 The scratch CNN reads the test images; the transfer model is scored through its head on the
 stored test features, which is the same computation as `transfer.keras` on the images

@@ -3,10 +3,10 @@
     python -m pipeline.predict --model models/transfer.keras photos/ cat.jpg --out predictions.csv
     python -m pipeline.predict --model models/transfer.keras test1/ --kaggle-submission --out s.csv
 
-Writes `file,prob_dog,label` for every JPEG/PNG given or found in the folders given. Either
-`models/cnn.keras` or `models/transfer.keras` works: both take raw images. With
-`--kaggle-submission` it writes `id,label` (label = probability of a dog) for the
-competition's unlabelled `test1/N.jpg` images, the Dogs vs. Cats Redux format.
+Writes `file,prob_dog,label` for every image (JPEG, PNG, BMP, GIF) given or found in the
+folders given. Either `models/cnn.keras` or `models/transfer.keras` works: both take raw
+images. With `--kaggle-submission` it writes `id,label` (label = probability of a dog) for
+the competition's unlabelled `test1/N.jpg` images, the Dogs vs. Cats Redux format.
 """
 
 from __future__ import annotations
