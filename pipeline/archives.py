@@ -10,6 +10,7 @@ from __future__ import annotations
 import shutil
 import tarfile
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -24,7 +25,11 @@ MAX_TOTAL_BYTES = 20 * 1024**3
 COPY_CHUNK = 1024 * 1024
 
 
-class UnsafeArchiveError(ValueError):
+class ArchiveError(ValueError):
+    """The archive cannot be extracted: it is corrupt, truncated or not an archive at all."""
+
+
+class UnsafeArchiveError(ArchiveError):
     """The archive holds an entry that must not be extracted."""
 
 
@@ -121,32 +126,73 @@ def extract_tar(archive: Path, target: Path, limits: Limits = Limits()) -> int:
 
 
 def extract(archive: Path, target: Path, limits: Limits = Limits()) -> int:
-    """Extracts `archive` into `target`; returns the number of entries."""
-    if zipfile.is_zipfile(archive):
-        return extract_zip(archive, target, limits)
-    if tarfile.is_tarfile(archive):
-        return extract_tar(archive, target, limits)
-    raise ValueError(f"{archive} is neither a zip nor a tar archive")
+    """Extracts `archive` into `target`; returns the number of entries.
+
+    Raises `ArchiveError` for anything that stops the extraction, naming the archive.
+    """
+    target.mkdir(parents=True, exist_ok=True)
+    try:
+        if zipfile.is_zipfile(archive):
+            return extract_zip(archive, target, limits)
+        if tarfile.is_tarfile(archive):
+            return extract_tar(archive, target, limits)
+    except ArchiveError:
+        raise
+    except (zipfile.BadZipFile, tarfile.TarError, EOFError, zlib.error, OSError) as error:
+        # OSError: entries that clash (a file and a folder of one name), or a full disk.
+        raise ArchiveError(f"cannot extract {archive.name}: {error}") from error
+    raise ArchiveError(
+        f"cannot extract {archive.name}: neither a zip nor a tar archive, or one cut short "
+        f"({archive})"
+    )
+
+
+def archive_stem(name: str) -> str:
+    """`train.zip` -> `train`, `.cache.tar.gz` -> `.cache`: the name without its suffix."""
+    lowered = name.lower()
+    for suffix in sorted(ARCHIVE_SUFFIXES, key=len, reverse=True):
+        if lowered.endswith(suffix):
+            return name[: -len(suffix)] or "unpacked"
+    return name
+
+
+def tree_size(root: Path) -> tuple[int, int]:
+    """Entries and bytes under `root`."""
+    paths = list(root.rglob("*"))
+    return len(paths), sum(p.stat().st_size for p in paths if p.is_file())
+
+
+def merge_tree(source: Path, target: Path) -> None:
+    """Moves `source` to `target`, merging folders; refuses to replace anything in `target`."""
+    if not target.exists():
+        source.rename(target)
+        return
+    if not (source.is_dir() and target.is_dir()):
+        raise ArchiveError(f"unpacking would replace {target}: the archive and the tree clash")
+    for child in source.iterdir():
+        merge_tree(child, target / child.name)
 
 
 def extract_nested(target: Path, limits: Limits = Limits()) -> list[Path]:
     """Unpacks archives found inside an extracted tree, as Kaggle ships `train.zip` in its zip.
 
-    Each inner `name.zip` becomes a folder `name/`; the inner archive is then removed from
-    the staging copy (the user's own file is never touched).
+    Each inner `name.zip` becomes a folder `name/`, merged into a folder of that name if the
+    tree has one (a clash of names is an error, never an overwrite); the inner archive is
+    then removed from the staging copy (the user's own file is never touched). The whole
+    tree, inner archives unpacked, stays within `limits`.
     """
     unpacked: list[Path] = []
     for inner in sorted(p for p in target.rglob("*") if p.is_file() and is_archive(p)):
-        folder = inner.with_name(inner.name.split(".", 1)[0])
+        folder = inner.with_name(archive_stem(inner.name))
         staging = inner.with_name(f".{inner.name}.extracting")
-        extract(inner, staging, limits)
+        entries, size = tree_size(target)
+        remaining = Limits(limits.max_entries - entries, limits.max_total_bytes - size)
+        extract(inner, staging, remaining)
         inner.unlink()
         # A zip of `train/` holds `train/...`: do not nest it as `train/train/...`.
         children = list(staging.iterdir())
         source = children[0] if len(children) == 1 and children[0].name == folder.name else staging
-        if folder.exists():
-            shutil.rmtree(folder)
-        source.rename(folder)
+        merge_tree(source, folder)
         shutil.rmtree(staging, ignore_errors=True)
         unpacked.append(folder)
     return unpacked

@@ -206,24 +206,31 @@ def populate_raw(source: Path, staging: Path) -> None:
     archives.extract_nested(staging)
 
 
-def resolve_local_path(cfg: DownloadConfig) -> Path:
+def resolve_local_path(cfg: DownloadConfig, raw: Path) -> Path:
     assert cfg.local_path is not None
     path = cfg.local_path.expanduser()
     # Relative to the user's repository, also when DVC runs the stage in a temporary copy.
     path = path if path.is_absolute() else project_root() / path
     if not path.exists():
         raise DownloadError(f"download.local_path {path} does not exist")
+    if path.is_dir() and path.resolve() in (raw.resolve(), *raw.resolve().parents):
+        raise DownloadError(
+            f"download.local_path {path} holds paths.raw ({raw}), where the stage writes: "
+            "point it at the dataset's own folder or archive"
+        )
     return path
 
 
-def acquire(cfg: DownloadConfig, downloads: Path) -> Path:
+def acquire(cfg: DownloadConfig, raw: Path) -> Path:
     """The local file or folder holding the data for the configured source."""
     if cfg.source == "local":
-        return resolve_local_path(cfg)
+        return resolve_local_path(cfg, raw)
     if cfg.source == "kaggle":
         return fetch_kaggle(cfg.kaggle_competition)
+    # Kept beside the data, out of DVC's outputs: a broken transfer resumes from here.
+    downloads = raw.parent / ".downloads"
     downloads.mkdir(parents=True, exist_ok=True)
-    archive = downloads / Path(cfg.petimages.url.path or "petimages.zip").name
+    archive = downloads / (Path(cfg.petimages.url.path or "").name or "petimages.zip")
     return fetch_http(cfg.petimages, archive)
 
 
@@ -232,12 +239,11 @@ def main() -> None:
     raw, report = cfg.paths.raw, cfg.paths.reports.download / "summary.json"
     with tracking.stage_run("download", cfg, "download"):
         try:
-            # Kept beside the data, out of DVC's outputs: a broken transfer resumes from here.
-            source = acquire(cfg.download, raw.parent / ".downloads")
+            source = acquire(cfg.download, raw)
             with atomic_dir(raw) as staging:
                 populate_raw(source, staging)
                 summary = detect_layout(staging)
-        except (DownloadError, archives.UnsafeArchiveError) as error:
+        except (DownloadError, archives.ArchiveError) as error:
             mlflow.set_tag("error", str(error)[:5000])
             sys.exit(f"download: {error}")
         write_json(report, {"source": cfg.download.source, **summary.as_dict()})

@@ -1,13 +1,14 @@
 from __future__ import annotations
 
 import io
+import re
 import tarfile
 import zipfile
 from pathlib import Path
 
 import pytest
 
-from pipeline.archives import Limits, UnsafeArchiveError, extract, extract_nested
+from pipeline.archives import ArchiveError, Limits, UnsafeArchiveError, extract, extract_nested
 
 
 def make_zip(path: Path, entries: dict[str, bytes]) -> Path:
@@ -82,6 +83,82 @@ def test_kaggle_zip_inside_zip_is_unpacked_once(tmp_path: Path) -> None:
         "train/dog.1.jpg",
     ]
     assert inner.exists()  # the user's own file is untouched
+
+
+def jpgs(root: Path) -> list[str]:
+    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*.jpg"))
+
+
+def test_an_inner_archive_merges_into_a_folder_of_its_name(tmp_path: Path) -> None:
+    inner = make_zip(tmp_path / "train.zip", {"dog.1.jpg": b"d"})
+    outer = make_zip(
+        tmp_path / "outer.zip", {"train/cat.1.jpg": b"c", "train.zip": inner.read_bytes()}
+    )
+    target = tmp_path / "raw"
+    extract(outer, target)
+    extract_nested(target)
+    assert jpgs(target) == ["train/cat.1.jpg", "train/dog.1.jpg"]  # nothing replaced
+
+
+def test_an_inner_archive_never_overwrites_a_file(tmp_path: Path) -> None:
+    inner = make_zip(tmp_path / "train.zip", {"cat.1.jpg": b"new"})
+    outer = make_zip(
+        tmp_path / "outer.zip", {"train/cat.1.jpg": b"old", "train.zip": inner.read_bytes()}
+    )
+    target = tmp_path / "raw"
+    extract(outer, target)
+    with pytest.raises(ArchiveError, match="would replace"):
+        extract_nested(target)
+    assert (target / "train/cat.1.jpg").read_bytes() == b"old"
+
+
+def test_empty_and_dot_named_inner_archives_unpack(tmp_path: Path) -> None:
+    empty = make_zip(tmp_path / "empty.zip", {})
+    hidden = make_zip(tmp_path / ".cache.zip", {"cat.2.jpg": b"c"})
+    outer = make_zip(
+        tmp_path / "outer.zip", {"empty.zip": empty.read_bytes(), ".cache.zip": hidden.read_bytes()}
+    )
+    target = tmp_path / "raw"
+    extract(outer, target)
+    extract_nested(target)
+    assert (target / "empty").is_dir() and jpgs(target) == [".cache/cat.2.jpg"]
+
+
+def test_inner_archives_share_the_limits_of_the_whole_tree(tmp_path: Path) -> None:
+    inner = make_zip(tmp_path / "train.zip", {"cat.1.jpg": b"x" * 200})
+    outer = make_zip(tmp_path / "outer.zip", {"a.bin": b"y" * 200, "train.zip": inner.read_bytes()})
+    target = tmp_path / "raw"
+    extract(outer, target)  # 200 bytes + the inner zip: within 600
+    with pytest.raises(UnsafeArchiveError, match="more than"):
+        extract_nested(target, Limits(max_total_bytes=600))
+
+
+@pytest.mark.parametrize(
+    "damage",
+    ["truncated zip", "flipped header byte", "truncated tar.gz", "file then folder of one name"],
+)
+def test_broken_archives_raise_one_clear_error(tmp_path: Path, damage: str) -> None:
+    good = make_zip(tmp_path / "good.zip", {"train/cat.1.jpg": b"c" * 5000})
+    data = good.read_bytes()
+    if damage == "truncated zip":
+        broken = tmp_path / "broken.zip"
+        broken.write_bytes(data[:-30])
+    elif damage == "flipped header byte":
+        broken = tmp_path / "broken.zip"
+        at = data.index(b"train/cat.1.jpg")  # the local header's name
+        broken.write_bytes(data[:at] + b"T" + data[at + 1 :])
+    elif damage == "truncated tar.gz":
+        info = tarfile.TarInfo("PetImages/Cat/1.jpg")
+        info.size = 5000
+        whole = make_tar(tmp_path / "whole.tar.gz", [info], bytes(range(250)) * 20).read_bytes()
+        broken = tmp_path / "broken.tar.gz"
+        broken.write_bytes(whole[: len(whole) // 2])
+    else:
+        broken = make_zip(
+            tmp_path / "broken.zip", {"train/cat.1.jpg": b"c", "train/cat.1.jpg/x.jpg": b"d"}
+        )
+    with pytest.raises(ArchiveError, match=re.escape(broken.name)):
+        extract(broken, tmp_path / "out")
 
 
 def test_non_archives_are_rejected(tmp_path: Path) -> None:

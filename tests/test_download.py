@@ -74,10 +74,37 @@ def test_relative_local_path_resolves_against_the_repository(tmp_path, monkeypat
         kaggle_competition="dogs-vs-cats",
         petimages=mirror("http://127.0.0.1/x.zip", b"unused"),
     )
-    assert acquire(cfg, tmp_path / "downloads") == kaggle_zip
+    assert acquire(cfg, tmp_path / "data/raw") == kaggle_zip
     missing = cfg.model_copy(update={"local_path": Path("nope.zip")})
     with pytest.raises(DownloadError, match="does not exist"):
-        acquire(missing, tmp_path / "downloads")
+        acquire(missing, tmp_path / "data/raw")
+
+
+def test_a_local_folder_that_holds_the_raw_output_is_refused(tmp_path, kaggle_zip):
+    raw = tmp_path / "repo/data/raw"
+    raw.mkdir(parents=True)
+    for holder in (tmp_path / "repo", tmp_path / "repo/data", raw):
+        cfg = DownloadConfig(
+            source="local",
+            local_path=holder,
+            kaggle_competition="dogs-vs-cats",
+            petimages=mirror("http://127.0.0.1/x.zip", b"unused"),
+        )
+        with pytest.raises(DownloadError, match=r"holds paths\.raw"):
+            acquire(cfg, raw)
+
+
+def test_a_mirror_url_without_a_file_name_downloads_to_a_named_file(tmp_path, kaggle_zip):
+    payload = kaggle_zip.read_bytes()
+    raw = tmp_path / "data/raw"
+    with serve(Served(payload)) as url:
+        root = url.rsplit("/", 1)[0] + "/"
+        cfg = DownloadConfig(
+            source="petimages",
+            kaggle_competition="dogs-vs-cats",
+            petimages=mirror(root, payload),
+        )
+        assert acquire(cfg, raw) == tmp_path / "data/.downloads/petimages.zip"
 
 
 def test_http_download_verifies_and_moves_into_place(tmp_path: Path, kaggle_zip: Path) -> None:
@@ -191,3 +218,24 @@ def test_kaggle_credentials_never_reach_logs_or_mlflow(stage_workspace, monkeypa
     assert any(p.name == "mlflow.db" for p in stored)
     for path in stored:
         assert secret.encode() not in path.read_bytes(), path
+
+
+def test_a_corrupt_archive_exits_clearly_and_keeps_the_previous_raw_data(
+    stage_workspace, kaggle_zip
+):
+    download.main()
+    before = sorted(
+        p.relative_to(stage_workspace) for p in (stage_workspace / "data/raw").rglob("*")
+    )
+    corrupt = stage_workspace.parent / "cut.zip"
+    corrupt.write_bytes(kaggle_zip.read_bytes()[:-100])
+    set_params(stage_workspace, "download", local_path=str(corrupt))
+
+    with pytest.raises(SystemExit) as exit_info:
+        download.main()
+
+    assert "download: cannot extract cut.zip" in str(exit_info.value.code)
+    after = sorted(
+        p.relative_to(stage_workspace) for p in (stage_workspace / "data/raw").rglob("*")
+    )
+    assert after == before and before
