@@ -78,6 +78,16 @@ class PathsConfig(Section):
     models: ModelPaths
     reports: ReportPaths
 
+    @model_validator(mode="after")
+    def _outputs_do_not_overlap(self) -> PathsConfig:
+        # A stage replaces its output folder whole: one inside another would be wiped with it.
+        named = {name: Path(value) for name, value in flatten(self).items()}
+        for name, path in named.items():
+            for other, other_path in named.items():
+                if name != other and (path == other_path or other_path in path.parents):
+                    raise ValueError(f"paths.{name} ({path}) overlaps paths.{other} ({other_path})")
+        return self
+
 
 class MirrorConfig(Section):
     url: HttpUrl
@@ -90,6 +100,14 @@ class DownloadConfig(Section):
     local_path: Path | None = None
     kaggle_competition: str
     petimages: MirrorConfig
+
+    @field_validator("local_path", mode="before")
+    @classmethod
+    def _path_not_empty(cls, value: Any) -> Any:
+        # Path("") is ".", the repository itself, which would then be copied into data/raw.
+        if isinstance(value, str) and not value.strip():
+            raise ValueError("is empty: give a .zip, .tar(.gz) or folder, or null")
+        return value
 
     @model_validator(mode="after")
     def _local_source_needs_a_path(self) -> DownloadConfig:
@@ -141,6 +159,17 @@ class TrainCnnConfig(OptimizerMixin):
     dropout: Annotated[float, Field(ge=0, lt=1)]
     batch_norm: bool
     use_augmented: bool
+
+    @model_validator(mode="after")
+    def _blocks_fit_the_image(self) -> TrainCnnConfig:
+        # Each block halves height and width; the last one needs a pixel left to pool.
+        blocks = len(self.conv_filters)
+        if min(self.image_size) < 2**blocks:
+            raise ValueError(
+                f"{blocks} conv/pool blocks need image_size of at least {2**blocks}x{2**blocks}, "
+                f"got {self.image_size[0]}x{self.image_size[1]}"
+            )
+        return self
 
 
 # The smallest input each `keras.applications` backbone accepts (height and width).

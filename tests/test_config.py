@@ -52,6 +52,16 @@ def test_config_is_frozen(repo_config) -> None:
         ),
         ({"download__source": "local"}, "needs download.local_path"),
         (
+            {"download__source": "local", "download__local_path": ""},
+            "download.local_path: is empty",
+        ),
+        ({"paths__split": "data/raw"}, "paths.raw (data/raw) overlaps paths.split (data/raw)"),
+        ({"paths__features": "data/raw/features"}, "paths.features (data/raw/features) overlaps"),
+        (
+            {"train_cnn__conv_filters": [8] * 6, "train_cnn__image_size": [48, 48]},
+            "train_cnn: 6 conv/pool blocks need image_size of at least 64x64, got 48x48",
+        ),
+        (
             {"compute__steps_per_execution": 0},
             "compute.steps_per_execution: Input should be greater than 0",
         ),
