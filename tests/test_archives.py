@@ -89,24 +89,24 @@ def jpgs(root: Path) -> list[str]:
     return sorted(p.relative_to(root).as_posix() for p in root.rglob("*.jpg"))
 
 
+def extracted_beside_train_zip(tmp_path: Path, entries: dict, inner: dict) -> Path:
+    """An outer zip of `entries` and a `train.zip` of `inner`, extracted (not nested yet)."""
+    train_zip = make_zip(tmp_path / "train.zip", inner)
+    outer = make_zip(tmp_path / "outer.zip", {**entries, "train.zip": train_zip.read_bytes()})
+    extract(outer, tmp_path / "raw")
+    return tmp_path / "raw"
+
+
 def test_an_inner_archive_merges_into_a_folder_of_its_name(tmp_path: Path) -> None:
-    inner = make_zip(tmp_path / "train.zip", {"dog.1.jpg": b"d"})
-    outer = make_zip(
-        tmp_path / "outer.zip", {"train/cat.1.jpg": b"c", "train.zip": inner.read_bytes()}
-    )
-    target = tmp_path / "raw"
-    extract(outer, target)
+    target = extracted_beside_train_zip(tmp_path, {"train/cat.1.jpg": b"c"}, {"dog.1.jpg": b"d"})
     extract_nested(target)
     assert jpgs(target) == ["train/cat.1.jpg", "train/dog.1.jpg"]  # nothing replaced
 
 
 def test_an_inner_archive_never_overwrites_a_file(tmp_path: Path) -> None:
-    inner = make_zip(tmp_path / "train.zip", {"cat.1.jpg": b"new"})
-    outer = make_zip(
-        tmp_path / "outer.zip", {"train/cat.1.jpg": b"old", "train.zip": inner.read_bytes()}
+    target = extracted_beside_train_zip(
+        tmp_path, {"train/cat.1.jpg": b"old"}, {"cat.1.jpg": b"new"}
     )
-    target = tmp_path / "raw"
-    extract(outer, target)
     with pytest.raises(ArchiveError, match="would replace"):
         extract_nested(target)
     assert (target / "train/cat.1.jpg").read_bytes() == b"old"
