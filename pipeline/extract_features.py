@@ -20,10 +20,9 @@ import numpy as np
 from pipeline import devices, process, tracking
 from pipeline.config import FeaturesConfig, load_config_or_exit
 from pipeline.datasets import image_dataset, left_out_of_last_batch
-from pipeline.files import atomic_dir, write_json
+from pipeline.files import atomic_dir, atomic_file, write_json
 from pipeline.images import SPLITS, LabeledImage, list_split
 from pipeline.models import WeightsUnavailableError, build_backbone, for_inference
-from pipeline.training import save_model
 
 
 def images_to_extract(
@@ -154,7 +153,11 @@ def main() -> None:
         batched = params.model_copy(update={"batch_size": global_batch})
         dim = feature_dim(backbone)
         try:
-            with atomic_dir(paths.features) as staging:
+            # The backbone beside the features it made: both replace the old ones, or neither.
+            with (
+                atomic_dir(paths.features) as staging,
+                atomic_file(paths.models.backbone) as backbone_staging,
+            ):
                 for split, split_images in images.items():
                     print(f"extract_features: {split} ({len(split_images)} images)")
                     chunks = extract_chunks(backbone, split_images, batched, plan.replicas)
@@ -167,10 +170,10 @@ def main() -> None:
                         params.compress,
                     )
                     counts[split] = len(split_images)
+                for_inference(backbone).save(backbone_staging)
         except ValueError as error:  # the previous features stay in place
             mlflow.set_tag("error", str(error))
             sys.exit(f"extract_features: {error}")
-        save_model(for_inference(backbone), paths.models.backbone)
         summary = {"images": counts, "feature_dim": dim, "dtype": params.dtype}
         write_json(paths.reports.extract_features / "summary.json", summary)
         mlflow.log_metrics({f"{split}_images": n for split, n in counts.items()})

@@ -79,6 +79,14 @@ def atomic_file(target: Path) -> Iterator[Path]:
     os.replace(staging, target)
 
 
+@contextlib.contextmanager
+def atomic_files(*targets: Path) -> Iterator[list[Path]]:
+    """Staging paths for outputs that belong together: none replaces its target until the
+    block has written them all, so a failure never pairs a new output with an old one."""
+    with contextlib.ExitStack() as stack:
+        yield [stack.enter_context(atomic_file(target)) for target in targets]
+
+
 def write_json(path: Path, data: Any) -> None:
     with atomic_file(path) as staging:
         staging.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")

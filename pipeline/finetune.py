@@ -80,7 +80,7 @@ def finetune(cfg: Config) -> None:
         history = fit(model, train_data, validation_data, params)
         trained = for_inference(model)
         summary = save_training_outputs(
-            trained, history, paths.models.finetuned, reports, "fine-tuned backbone + head"
+            {paths.models.finetuned: trained}, history, reports, "fine-tuned backbone + head"
         )
         mlflow.log_metrics(dict(summary))
         mlflow.log_artifacts(str(reports), artifact_path="reports")

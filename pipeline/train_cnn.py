@@ -54,7 +54,7 @@ def main() -> None:
             history = fit(model, train_data, validation_data, params)
             trained = for_inference(model)
             summary = save_training_outputs(
-                trained, history, paths.models.cnn, reports, "scratch CNN"
+                {paths.models.cnn: trained}, history, reports, "scratch CNN"
             )
             mlflow.log_metrics(dict(summary))
             mlflow.log_metrics({"train_images": len(train), "validation_images": len(validation)})

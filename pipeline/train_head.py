@@ -21,7 +21,7 @@ from pipeline.datasets import splittable_over_replicas
 from pipeline.extract_features import load_features
 from pipeline.images import LabeledImage
 from pipeline.models import build_head, compose_transfer, for_inference
-from pipeline.training import fit, log_and_record_model, save_model, save_training_outputs
+from pipeline.training import fit, log_and_record_model, save_training_outputs
 
 
 def feature_dataset(
@@ -78,6 +78,10 @@ def main() -> None:
     validation_data = feature_dataset(val_x, val_y, batch_size, replicas=plan.replicas)
     feature_length = train_x.shape[1]
     del train_x, val_x  # the datasets hold their own copies
+    try:  # before training: without it there is no transfer model to save beside the head
+        backbone = keras.models.load_model(paths.models.backbone)
+    except (OSError, ValueError) as error:
+        sys.exit(f"train_head: cannot load {paths.models.backbone} ({error}); run extract_features")
     with strategy.scope():
         head = build_head(feature_length, params, plan.steps_per_execution)
     with tracking.stage_run("train_head", cfg, "common", "compute", "head", system_metrics=True):
@@ -86,12 +90,13 @@ def main() -> None:
         tracking.log_image_inputs(as_images(val_files, val_y), "features/validation", "validation")
         history = fit(head, train_data, validation_data, params)
         trained = for_inference(head)
-        summary = save_training_outputs(
-            trained, history, paths.models.head, reports, "VGG16 features + dense head"
-        )
-        backbone = keras.models.load_model(paths.models.backbone)
         transfer = compose_transfer(backbone, trained)
-        save_model(transfer, paths.models.transfer)
+        summary = save_training_outputs(
+            {paths.models.head: trained, paths.models.transfer: transfer},
+            history,
+            reports,
+            "VGG16 features + dense head",
+        )
         mlflow.log_metrics(dict(summary))
         mlflow.log_metrics({"train_images": len(train_y), "validation_images": len(val_y)})
         mlflow.log_artifacts(str(reports), artifact_path="reports")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from importlib.metadata import version
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from mlflow.models import infer_signature
 
 from pipeline import plots
 from pipeline.config import OptimizerMixin
-from pipeline.files import atomic_file, write_json
+from pipeline.files import atomic_files, write_json
 from pipeline.history import summarize_history, write_history
 
 
@@ -60,25 +61,23 @@ def fit(
     return {name: [float(v) for v in values] for name, values in history.history.items()}
 
 
-def save_model(model: keras.Model, path: Path) -> None:
-    with atomic_file(path) as staging:
-        model.save(staging)
-
-
 def save_training_outputs(
-    model: keras.Model,
+    models: Mapping[Path, keras.Model],
     history: dict[str, list[float]],
-    model_path: Path,
     reports: Path,
     title: str,
 ) -> dict[str, float | int]:
-    """Model, history CSV and figure, and summary metrics, each written atomically."""
-    save_model(model, model_path)
-    write_history(reports / "history.csv", history)
-    with atomic_file(reports / "history.png") as staging:
-        plots.training_history(history, title).savefig(staging)
+    """The models (by path), history CSV and figure, and summary metrics, replacing the
+    previous ones together once all are written (`atomic_files`)."""
     summary = summarize_history(history)
-    write_json(reports / "metrics.json", summary)
+    reports_written = [reports / name for name in ("history.csv", "history.png", "metrics.json")]
+    with atomic_files(*models, *reports_written) as staged:
+        *model_files, history_csv, history_png, metrics = staged
+        for model, staging in zip(models.values(), model_files, strict=True):
+            model.save(staging)
+        write_history(history_csv, history)
+        plots.training_history(history, title).savefig(history_png)
+        write_json(metrics, summary)
     return summary
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.files import atomic_dir, atomic_file, project_root, write_json
+from pipeline.files import atomic_dir, atomic_file, atomic_files, project_root, write_json
 
 
 def test_atomic_dir_replaces_target_only_on_success(tmp_path: Path) -> None:
@@ -35,6 +35,23 @@ def test_atomic_file_keeps_suffix_and_previous_content_on_failure(tmp_path: Path
     assert target.read_text() == "previous"
     write_json(tmp_path / "m.json", {"b": 1, "a": 2})
     assert (tmp_path / "m.json").read_text() == '{\n  "a": 2,\n  "b": 1\n}\n'
+
+
+def test_atomic_files_replace_all_their_targets_or_none(tmp_path: Path) -> None:
+    head, transfer = tmp_path / "head.keras", tmp_path / "transfer.keras"
+    head.write_text("old head")
+    transfer.write_text("old transfer")
+    with pytest.raises(OSError), atomic_files(head, transfer) as (new_head, new_transfer):
+        new_head.write_text("new head")
+        raise OSError("disk full while writing the second")
+    assert (head.read_text(), transfer.read_text()) == ("old head", "old transfer")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["head.keras", "transfer.keras"]
+
+    with atomic_files(head, transfer) as (new_head, new_transfer):
+        new_head.write_text("new head")
+        new_transfer.write_text("new transfer")
+        assert head.read_text() == "old head"  # nothing replaced before the block ends
+    assert (head.read_text(), transfer.read_text()) == ("new head", "new transfer")
 
 
 def test_outputs_get_the_permissions_of_any_new_file_not_owner_only(tmp_path: Path) -> None:

@@ -40,6 +40,29 @@ def test_a_disabled_finetune_without_the_transfer_model_exits_with_a_hint(stage_
     assert not (stage_workspace / "models").exists()
 
 
+def test_train_head_without_a_loadable_backbone_exits_before_writing(stage_workspace):
+    import numpy as np
+
+    from pipeline import train_head
+
+    features = stage_workspace / "data" / "features"
+    features.mkdir(parents=True)
+    for split in ("train", "validation"):
+        np.savez(
+            features / f"{split}.npz",
+            features=np.zeros((8, 4), np.float16),
+            labels=np.array([0, 1] * 4),
+            files=np.array([f"{split}/cats/{i}.jpg" for i in range(8)]),
+        )
+    (stage_workspace / "models").mkdir()
+    (stage_workspace / "models" / "backbone.keras").write_bytes(b"cut short")
+    with pytest.raises(SystemExit) as exit_info:
+        train_head.main()
+    assert "cannot load models/backbone.keras" in str(exit_info.value.code)
+    assert [p.name for p in (stage_workspace / "models").iterdir()] == ["backbone.keras"]
+    assert not (stage_workspace / "reports").exists()
+
+
 def test_invalid_params_stop_a_stage_before_it_touches_anything(stage_workspace: Path):
     from pipeline import download
 

@@ -39,7 +39,9 @@ def test_head_learns_separable_features_and_outputs_are_saved(tmp_path: Path) ->
         log_to_mlflow=False,
     )
     assert history["val_accuracy"][-1] > 0.9
-    summary = save_training_outputs(model, history, tmp_path / "m/head.keras", tmp_path / "r", "t")
+    summary = save_training_outputs(
+        {tmp_path / "m/head.keras": model}, history, tmp_path / "r", "t"
+    )
     assert (tmp_path / "m/head.keras").exists() and (tmp_path / "r/history.png").exists()
     rows = list(csv.DictReader((tmp_path / "r/history.csv").open()))
     assert len(rows) == summary["epochs_run"] and rows[0]["epoch"] == "1"
