@@ -1,0 +1,49 @@
+"""dvc.yaml against the code: every stage depends on the modules it runs."""
+
+from __future__ import annotations
+
+import ast
+
+import yaml
+
+from tests.conftest import REPO_ROOT
+
+# Left out of every stage's deps on purpose (see dvc.yaml's header): they decide where runs
+# are logged and how a stage's process exits, not what a stage computes.
+NOT_DEPS = {"pipeline/tracking.py", "pipeline/process.py"}
+
+
+def imported_pipeline_modules(path: str) -> set[str]:
+    """`pipeline/*.py` files `path` imports, directly or through others, at any depth of code."""
+    seen: set[str] = set()
+    pending = [path]
+    while pending:
+        current = pending.pop()
+        if current in seen or current in NOT_DEPS:
+            continue
+        seen.add(current)
+        tree = ast.parse((REPO_ROOT / current).read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            else:
+                continue
+            for name in names:
+                module = name.replace(".", "/") + ".py"
+                if name.startswith("pipeline.") and (REPO_ROOT / module).is_file():
+                    pending.append(module)
+    return seen - NOT_DEPS
+
+
+def test_every_stage_depends_on_the_pipeline_modules_it_imports() -> None:
+    stages = yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text())["stages"]
+    checked = 0
+    for name, stage in stages.items():
+        module = stage["cmd"].removeprefix("python -m ").replace(".", "/") + ".py"
+        deps = {d for d in stage["deps"] if d.startswith("pipeline/")}
+        missing = imported_pipeline_modules(module) - deps
+        assert not missing, f"stage {name} imports {sorted(missing)} but does not depend on them"
+        checked += 1
+    assert checked == len(stages) >= 9
