@@ -24,7 +24,7 @@ from mlflow.data.sources import LocalArtifactDatasetSource
 from mlflow.entities import Param, Run
 from mlflow.tracking import MlflowClient
 
-from pipeline.config import PARAMS_FILE, Config, flatten
+from pipeline.config import PARAMS_FILE, Config, ConfigError, flatten, parse_config
 from pipeline.files import project_root
 from pipeline.images import CLASS_NAMES, LabeledImage
 
@@ -71,14 +71,22 @@ def git_commit() -> str | None:
 
 
 def baseline_params(revision: str) -> dict[str, Any] | None:
-    """`params.yaml` as committed at `revision`, flattened; None where git cannot tell."""
+    """`params.yaml` as committed at `revision`, as `comparable_params` gives the current one;
+    None where git cannot tell."""
     text = _git("show", f"{revision}:{PARAMS_FILE.as_posix()}")
     if text is None:
         return None
     try:
-        return flatten(yaml.safe_load(text) or {})
+        raw = yaml.safe_load(text)
     except yaml.YAMLError:
         return None
+    if not isinstance(raw, dict):
+        return None
+    try:
+        # Validated like the current params, so defaults and types compare equal.
+        return comparable_params(parse_config(raw))
+    except ConfigError:  # a params.yaml this code no longer accepts: compare it as written
+        return {k: v for k, v in flatten(raw).items() if not k.startswith("paths.")}
 
 
 def params_diff(current: dict[str, Any], baseline: dict[str, Any]) -> dict[str, tuple[Any, Any]]:

@@ -7,6 +7,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from pipeline import tracking
+from tests.conftest import REPO_ROOT
 
 
 @pytest.fixture
@@ -63,6 +64,36 @@ def test_stages_of_one_execution_share_one_parent(workspace, repo_config, monkey
     experiment = client.get_experiment(parent.info.experiment_id)
     assert experiment.name == "dogs-vs-cats"
     assert experiment.artifact_location == (workspace / "mlartifacts").resolve().as_uri()
+
+
+def committed_params(workspace: Path) -> str:
+    """This repository's params.yaml committed in a fresh git repo at `workspace`; its sha."""
+    import shutil
+    import subprocess
+
+    shutil.copy(REPO_ROOT / "params.yaml", workspace / "params.yaml")
+    identity = ["-c", "user.name=test", "-c", "user.email=test@example.com"]
+    for command in (["init", "-q"], ["add", "params.yaml"], [*identity, "commit", "-qm", "p"]):
+        subprocess.run(["git", *command], cwd=workspace, check=True)
+    sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=workspace, capture_output=True)
+    return sha.stdout.decode().strip()
+
+
+def test_the_parent_run_says_which_params_differ_from_the_commit(workspace, repo_config):
+    sha = committed_params(workspace)
+    client = MlflowClient(tracking.tracking_uri())
+    with tracking.stage_run("split", repo_config, "split") as unchanged:
+        pass
+    note = client.get_run(tracking.parent_run_id(unchanged)).data.tags["mlflow.note.content"]
+    assert note == f"Pipeline execution with the params of `{sha[:7]}`."
+
+    edited = repo_config.model_copy(
+        update={"head": repo_config.head.model_copy(update={"units": 128})}
+    )
+    with tracking.stage_run("train_head", edited, "head") as run:
+        pass
+    note = client.get_run(tracking.parent_run_id(run)).data.tags["mlflow.note.content"]
+    assert note == f"Params changed from `{sha[:7]}`:\n\n- `head.units`: 256 → 128"
 
 
 def test_a_failing_stage_marks_its_run_failed(workspace, repo_config):
