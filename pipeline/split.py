@@ -95,12 +95,15 @@ def split_files(
 
 
 def target_name(image: LabeledImage, taken: set[str]) -> str:
-    """A unique `.jpg` name within the class folder, keeping the original name where it can."""
+    """A unique `.jpg` name within the class folder, keeping the original name where it can.
+
+    Unique ignoring case too: on macOS's and Windows' file systems `Cat.1.jpg` is `cat.1.jpg`.
+    """
     stem = image.path.stem
     name, counter = f"{stem}.jpg", 1
-    while name in taken:
+    while name.casefold() in taken:
         name, counter = f"{stem}-{counter}.jpg", counter + 1
-    taken.add(name)
+    taken.add(name.casefold())
     return name
 
 
@@ -126,8 +129,11 @@ def link_or_copy(source: Path, destination: Path) -> None:
     """
     try:
         os.link(source, destination)
-    except OSError:  # another file system, or one without hard links
-        shutil.copyfile(source, destination)
+    except FileExistsError:
+        raise
+    except OSError:  # another file system, or one without hard links; never over a file
+        with source.open("rb") as reader, destination.open("xb") as writer:
+            shutil.copyfileobj(reader, writer)
 
 
 def summarize(splits: dict[str, list[LabeledImage]], skipped: int, reencoded: int) -> dict:

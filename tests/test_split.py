@@ -92,17 +92,45 @@ def test_bad_images_are_skipped_and_odd_formats_reencoded(tmp_path: Path) -> Non
     assert summary["total"] == 19 and summary["skipped"] == 1
 
 
-def test_split_copies_where_hard_links_are_refused(tmp_path: Path, monkeypatch) -> None:
-    source = tmp_path / "a.jpg"
-    source.write_bytes(b"jpeg bytes")
-
+def refuse_hard_links(monkeypatch) -> None:
     def refuse(*_args):
         raise OSError(18, "Invalid cross-device link")
 
     monkeypatch.setattr(os, "link", refuse)
+
+
+def test_split_copies_where_hard_links_are_refused(tmp_path: Path, monkeypatch) -> None:
+    source = tmp_path / "a.jpg"
+    source.write_bytes(b"jpeg bytes")
+
+    refuse_hard_links(monkeypatch)
     link_or_copy(source, tmp_path / "b.jpg")
     assert (tmp_path / "b.jpg").read_bytes() == b"jpeg bytes"
     assert not (tmp_path / "b.jpg").samefile(source)
+
+
+def test_names_that_differ_only_in_case_stay_two_files(tmp_path: Path) -> None:
+    for name, data in (("a/Cat.1.jpg", b"first"), ("b/cat.1.jpg", b"second")):
+        (tmp_path / name).parent.mkdir()
+        (tmp_path / name).write_bytes(data)
+    images = [LabeledImage(tmp_path / "a/Cat.1.jpg", 0), LabeledImage(tmp_path / "b/cat.1.jpg", 0)]
+    write_split({"train": images}, set(), tmp_path / "split")
+    written = sorted((tmp_path / "split/train/cats").iterdir())
+    assert [p.name for p in written] == ["Cat.1.jpg", "cat.1-1.jpg"]
+    assert {p.read_bytes() for p in written} == {b"first", b"second"}
+
+
+def test_a_copy_never_replaces_an_existing_file(tmp_path: Path, monkeypatch) -> None:
+    source, existing = tmp_path / "a.jpg", tmp_path / "b.jpg"
+    source.write_bytes(b"new")
+    existing.write_bytes(b"kept")
+    with pytest.raises(FileExistsError):
+        link_or_copy(source, existing)
+
+    refuse_hard_links(monkeypatch)
+    with pytest.raises(FileExistsError):
+        link_or_copy(source, existing)
+    assert existing.read_bytes() == b"kept"
 
 
 def bad_image_corpus(folder: Path) -> dict[str, str | None]:
