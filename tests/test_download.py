@@ -132,6 +132,36 @@ def test_http_download_resumes_after_a_cut(tmp_path: Path) -> None:
     assert 0 < resumed_from <= 300_000
 
 
+def test_http_download_starts_over_when_the_server_ignores_the_range(tmp_path: Path) -> None:
+    payload = bytes(range(256)) * 2048
+    served = Served(payload, support_ranges=False, cut_after=300_000)
+    target = tmp_path / "archive.zip"
+    unpinned = {"size": None, "sha256": None}  # only the restart keeps the bytes right
+    with serve(served) as url:
+        with pytest.raises(DownloadError):
+            fetch_http(mirror(url, payload, **unpinned), target)
+        fetch_http(mirror(url, payload, **unpinned), target)
+    assert "Range" in served.requests[-1] and target.read_bytes() == payload
+
+
+def test_http_download_of_a_complete_part_only_checks_it(tmp_path: Path) -> None:
+    payload = b"all of it" * 100
+    served = Served(payload)
+    target = tmp_path / "archive.zip"
+    (tmp_path / "archive.zip.part").write_bytes(payload)
+    with serve(served) as url:  # answers 416: nothing left in the requested range
+        fetch_http(mirror(url, payload), target)
+    assert target.read_bytes() == payload and len(served.requests) == 1
+
+
+def test_http_size_mismatch_says_so_and_leaves_nothing_behind(tmp_path: Path) -> None:
+    payload = b"shorter than pinned"
+    target = tmp_path / "archive.zip"
+    with serve(Served(payload)) as url, pytest.raises(DownloadError, match="expected 100"):
+        fetch_http(mirror(url, payload, size=100, sha256=None), target)
+    assert list(tmp_path.glob("archive.zip*")) == []
+
+
 def test_http_checksum_mismatch_leaves_nothing_behind(tmp_path: Path, kaggle_zip: Path) -> None:
     payload = kaggle_zip.read_bytes()
     target = tmp_path / "archive.zip"
