@@ -36,12 +36,31 @@ def test_zip_and_tar_extract_into_target(tmp_path: Path) -> None:
     assert (tmp_path / "t/PetImages/Cat/1.jpg").read_bytes() == b"abc"
 
 
-@pytest.mark.parametrize("name", ["../escape.jpg", "train/../../escape.jpg", "/abs/escape.jpg"])
+ESCAPING_NAMES = [
+    "../escape.jpg",
+    "train/../../escape.jpg",
+    "/abs/escape.jpg",
+    "..\\escape.jpg",
+    "C:/escape.jpg",
+]
+
+
+@pytest.mark.parametrize("name", ESCAPING_NAMES)
 def test_zip_entries_leaving_the_target_are_refused(tmp_path: Path, name: str) -> None:
     archive = make_zip(tmp_path / "evil.zip", {name: b"x"})
     with pytest.raises(UnsafeArchiveError):
         extract(archive, tmp_path / "out")
-    assert not list(tmp_path.rglob("escape.jpg"))
+    assert not list(tmp_path.rglob("*escape.jpg"))
+
+
+@pytest.mark.parametrize("name", ESCAPING_NAMES)
+def test_tar_entries_leaving_the_target_are_refused(tmp_path: Path, name: str) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = 1
+    archive = make_tar(tmp_path / "evil.tar.gz", [info], b"x")
+    with pytest.raises(UnsafeArchiveError):
+        extract(archive, tmp_path / "out")
+    assert not list(tmp_path.rglob("*escape.jpg"))
 
 
 def test_tar_links_and_devices_are_refused(tmp_path: Path) -> None:
