@@ -48,6 +48,26 @@ def test_head_learns_separable_features_and_outputs_are_saved(tmp_path: Path) ->
     assert {"loss", "val_loss", "accuracy", "val_accuracy"} <= set(rows[0])
 
 
+def test_fit_keeps_the_best_epochs_weights_not_the_last(tmp_path: Path) -> None:
+    # A wide head at a high learning rate on barely separable validation data overfits at
+    # once: validation loss is lowest early and rises after.
+    keras.utils.set_random_seed(0)
+    rng = np.random.default_rng(0)
+    labels, val_labels = np.repeat([0, 1], 40).astype(np.int8), np.repeat([0, 1], 20)
+    features = rng.normal(0, 1, (80, 6)).astype("float32") + labels[:, None] * 2.0
+    val = rng.normal(0, 1, (40, 6)).astype("float32") + val_labels[:, None] * 0.5
+    cfg = tiny_config().head.model_copy(
+        update={"units": 64, "dropout": 0.0, "learning_rate": 0.05, "epochs": 8, "patience": 8}
+    )
+    model = build_head(6, cfg)
+    validation = feature_dataset(val, val_labels.astype(np.int8), 8)
+    history = fit(model, feature_dataset(features, labels, 8, 0), validation, cfg, False)
+    best = int(np.argmin(history["val_loss"]))
+    assert best < len(history["val_loss"]) - 1  # the last epoch is worse than the best
+    loss = model.evaluate(validation, verbose=0, return_dict=True)["loss"]
+    assert loss == pytest.approx(history["val_loss"][best], rel=1e-4)
+
+
 def test_feature_batches_are_float32_rows_with_their_labels_in_shuffled_order() -> None:
     # Row i holds i in every column and the label i, stored as float16 as on disk.
     rows = np.repeat(np.arange(20, dtype=np.float16)[:, None], 3, axis=1)
