@@ -28,9 +28,18 @@ def test_predict_writes_a_row_per_image_and_skips_bad_inputs(tmp_path, model_pat
 
     rows = list(csv.DictReader(out.open()))
     assert len(rows) == 7  # six from the folder, the single file again
-    assert all(0 <= float(row["prob_dog"]) <= 1 for row in rows)
-    assert {row["label"] for row in rows} <= {"cat", "dog"}
+    probs = {row["file"]: float(row["prob_dog"]) for row in rows}
+    assert all(0 <= p <= 1 for p in probs.values()) and len(set(probs.values())) > 1
+    for row in rows:
+        assert row["label"] == ("dog" if float(row["prob_dog"]) >= 0.5 else "cat")
+    # The file given on its own gets the same probability as in its folder.
+    assert [float(r["prob_dog"]) for r in rows if r["file"] == single.as_posix()] == [
+        probs[single.as_posix()]
+    ] * 2
     assert "skipped" in capsys.readouterr().err
+
+    main(["--model", str(model_path), str(single), "--threshold", "0", "--out", str(out)])
+    assert [row["label"] for row in csv.DictReader(out.open())] == ["dog"]
 
 
 def test_predict_without_model_or_images_exits_with_a_message(tmp_path, model_path):
