@@ -34,8 +34,9 @@ def test_tutorial_cnn_has_three_blocks_and_a_sigmoid() -> None:
     assert sum(isinstance(layer, keras.layers.MaxPooling2D) for layer in model.layers) == 3
     assert sum(isinstance(layer, keras.layers.Dropout) for layer in model.layers) == 1
     assert isinstance(model.optimizer, keras.optimizers.SGD)
-    probs = model.predict(np.zeros((2, 32, 32, 3), "float32"), verbose=0)
-    assert probs.shape == (2, 1) and np.all((probs >= 0) & (probs <= 1))
+    assert model.layers[-1].activation is keras.activations.sigmoid
+    probs = model.predict(np.random.default_rng(0).uniform(0, 255, (2, 32, 32, 3)), verbose=0)
+    assert probs.shape == (2, 1) and np.all((probs > 0) & (probs < 1))
 
 
 def test_batch_norm_adds_normalization_after_each_conv() -> None:
@@ -43,10 +44,21 @@ def test_batch_norm_adds_normalization_after_each_conv() -> None:
     assert sum(isinstance(x, keras.layers.BatchNormalization) for x in model.layers) == 3
 
 
-@pytest.mark.parametrize("name", ["adam", "sgd", "rmsprop"])
-def test_optimizer_uses_the_configured_learning_rate(name: str) -> None:
-    optimizer = make_optimizer(HEAD.model_copy(update={"optimizer": name, "learning_rate": 0.05}))
+@pytest.mark.parametrize(
+    ("name", "kind", "momentum"),
+    [
+        ("adam", FusedAdam, None),
+        ("sgd", keras.optimizers.SGD, 0.9),
+        ("rmsprop", keras.optimizers.RMSprop, 0.9),
+    ],
+)
+def test_optimizer_is_the_configured_one_with_its_learning_rate(name, kind, momentum) -> None:
+    cfg = HEAD.model_copy(update={"optimizer": name, "learning_rate": 0.05, "momentum": 0.9})
+    optimizer = make_optimizer(cfg)
+    assert type(optimizer) is kind
     assert float(optimizer.learning_rate) == pytest.approx(0.05)
+    if momentum is not None:
+        assert optimizer.momentum == pytest.approx(momentum)
 
 
 def trained_weights(optimizer: keras.optimizers.Optimizer, steps: int) -> list[np.ndarray]:
