@@ -25,11 +25,16 @@ def test_metrics_of_a_known_prediction() -> None:
     assert scores["roc_auc"] == 0.75
     expected = -np.mean(np.log([0.9, 0.4, 0.8, 0.4]))
     assert scores["log_loss"] == pytest.approx(expected)
+    # A higher threshold calls 0.6 a cat now, and 0.8 still a dog: the threshold is used.
+    strict = classification_metrics(labels, probs, threshold=0.7)
+    assert strict["accuracy"] == 0.75 and strict["precision"] == 1.0 and strict["recall"] == 0.5
+    assert strict["roc_auc"] == scores["roc_auc"] and strict["log_loss"] == scores["log_loss"]
 
 
 def test_confident_mistakes_keep_log_loss_finite() -> None:
     scores = classification_metrics(np.array([0, 1]), np.array([1.0, 0.0]), 0.5)
     assert math.isfinite(scores["log_loss"]) and scores["accuracy"] == 0
+    assert scores["log_loss"] == pytest.approx(-math.log(1e-7), rel=1e-3)  # clipped, as Kaggle
 
 
 def test_comparison_table_has_a_column_per_model() -> None:
