@@ -4,6 +4,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from pipeline.augment import augment_batch, derive_seed, preview, write_variants
 from pipeline.config import AugmentConfig
@@ -64,5 +65,11 @@ def test_variants_are_written_per_class_and_reproducible(tmp_path: Path) -> None
     assert names[0] == "train/cats/cat.0_aug0.jpg" and len(names) == 12
     for name in names:
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+        # In its source's class folder, and its source's pixels: cats warm, dogs cool.
+        folder, file = name.split("/")[1:]
+        assert file.startswith(folder[:3])
+        with Image.open(tmp_path / "a" / name) as variant:
+            red, _, blue = np.asarray(variant, dtype=float).mean(axis=(0, 1))
+        assert (red > blue) == (folder == "cats"), name
     grid = preview(images, CFG, 42)
     assert grid.shape[1:] == (6, 32, 32, 3)

@@ -82,6 +82,9 @@ def test_bad_images_are_skipped_and_odd_formats_reencoded(tmp_path: Path) -> Non
         for i in list_split(tmp_path / "split" / s)
     }
     assert len(written) == 19 and "dog.0.jpg" in written
+    for split in ("train", "validation", "test"):
+        for image in list_split(tmp_path / "split" / split):  # labelled by its folder
+            assert image.path.name.startswith(("cat", "dog")[image.label]), image.path
     dog0 = next((tmp_path / "split").rglob("dog.0.jpg")).read_bytes()
     assert dog0[:3] == b"\xff\xd8\xff"  # now a JPEG
     # The others share the raw file's bytes on disk instead of a copy; raw is unchanged.
