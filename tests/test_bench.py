@@ -137,7 +137,10 @@ def test_incremental_and_disk_run_dvc_on_a_copy(tiny_zip: Path, tmp_path: Path) 
     assert_positive(
         *(step["seconds"] for step in steps.values()), *data["results"]["overheads"].values()
     )
-    assert isinstance(data["results"]["augment_reran_after_train_cnn_edit"], bool)
+    assert data["results"]["augment_reran_after_train_cnn_edit"] is False
+    head_edit, cnn_edit = list(steps.values())[2:]
+    assert head_edit["stages_run"] == ["train_head", "finetune", "evaluate"]
+    assert "train_cnn" in cnn_edit["stages_run"] and "augment" not in cnn_edit["stages_run"]
 
     # The kept copy has run the whole pipeline: disk measures it without a second repro.
     repo = data["results"]["kept_copy"]
