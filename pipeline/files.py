@@ -73,10 +73,10 @@ def atomic_file(target: Path) -> Iterator[Path]:
     staging.touch(exist_ok=False)
     try:
         yield staging
+        os.replace(staging, target)  # fails onto a folder: the staging file goes too
     except BaseException:
         staging.unlink(missing_ok=True)
         raise
-    os.replace(staging, target)
 
 
 @contextlib.contextmanager

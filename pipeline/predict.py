@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import argparse
 import csv
+import re
 import sys
-from collections.abc import Sequence
+import tempfile
+from collections.abc import Collection, Sequence
 from functools import partial
 from pathlib import Path
 
@@ -24,16 +26,27 @@ import mlflow.keras
 import numpy as np
 import tensorflow as tf
 
+import pipeline.models  # noqa: F401  (registers FusedAdam, for models saved with their optimizer)
 from pipeline import process, tracking
 from pipeline.datasets import load_image
 from pipeline.files import atomic_file
-from pipeline.images import CLASS_NAMES, find_images, inspect_image, is_image_name
+from pipeline.images import (
+    CLASS_NAMES,
+    find_images,
+    inspect_image,
+    is_image_name,
+    reencode_as_jpeg,
+)
 
 DEFAULT_BATCH = 32
 
 
-def collect_inputs(inputs: Sequence[Path]) -> tuple[list[Path], list[tuple[Path, str]]]:
-    """Image files to classify, and `(path, reason)` for inputs that cannot be."""
+def collect_inputs(
+    inputs: Sequence[Path],
+) -> tuple[list[Path], list[tuple[Path, str]], set[Path]]:
+    """Image files to classify, `(path, reason)` for inputs that cannot be, and the files to
+    re-encode first, as the split stage re-encodes them for training (PNG, GIF, BMP, CMYK,
+    alpha flattened onto white)."""
     files: list[Path] = []
     rejected: list[tuple[Path, str]] = []
     for item in inputs:
@@ -46,28 +59,60 @@ def collect_inputs(inputs: Sequence[Path]) -> tuple[list[Path], list[tuple[Path,
         else:
             rejected.append((item, "no such file or folder"))
     readable: list[Path] = []
+    reencode: set[Path] = set()
     for path in files:
-        problem, _ = inspect_image(path.read_bytes())
+        try:
+            problem, needs_reencoding = inspect_image(path.read_bytes())
+        except OSError as error:
+            problem, needs_reencoding = f"cannot read it: {error.strerror or error}", False
         if problem:
             rejected.append((path, problem))
-        else:
-            readable.append(path)
-    return readable, rejected
+            continue
+        readable.append(path)
+        if needs_reencoding:
+            reencode.add(path)
+    return readable, rejected, reencode
 
 
 def label_of_probability(prob: float, threshold: float) -> str:
     return CLASS_NAMES[int(prob >= threshold)].removesuffix("s")
 
 
-def predict_files(model, files: list[Path], batch_size: int = DEFAULT_BATCH) -> np.ndarray:
+def predict_files(
+    model, files: list[Path], batch_size: int = DEFAULT_BATCH, reencode: Collection[Path] = ()
+) -> np.ndarray:
     """The probability of a dog for each file, decoded exactly as in training."""
     image_size = tuple(model.input_shape[1:3])
-    dataset = (
-        tf.data.Dataset.from_tensor_slices([str(path) for path in files])
-        .map(lambda path: load_image(path, image_size), num_parallel_calls=tf.data.AUTOTUNE)
-        .batch(batch_size)
+    with tempfile.TemporaryDirectory(prefix="predict-") as converted:
+        sources = []
+        for index, path in enumerate(files):
+            if path in reencode:
+                path = Path(converted) / f"{index}.jpg"
+                path.write_bytes(reencode_as_jpeg(files[index].read_bytes()))
+            sources.append(str(path))
+        dataset = (
+            tf.data.Dataset.from_tensor_slices(sources)
+            .map(lambda path: load_image(path, image_size), num_parallel_calls=tf.data.AUTOTUNE)
+            .batch(batch_size)
+        )
+        return model.predict(dataset, verbose=0).ravel()
+
+
+def check_classifier(model: keras.Model, reference: str) -> keras.Model:
+    """`model` if it takes RGB images of a fixed size and gives one probability each."""
+    shape, out = model.input_shape, model.output_shape
+    takes_images = (
+        isinstance(shape, tuple)
+        and len(shape) == 4
+        and all(isinstance(side, int) for side in shape[1:3])
+        and shape[3] == 3
     )
-    return model.predict(dataset, verbose=0).ravel()
+    if not (takes_images and out == (None, 1)):
+        sys.exit(
+            f"predict: {reference} takes {shape} and gives {out}, not images to P(dog): use "
+            "models/cnn.keras, models/transfer.keras or models/finetuned.keras"
+        )
+    return model
 
 
 def load_model(reference: str) -> keras.Model:
@@ -80,7 +125,10 @@ def load_model(reference: str) -> keras.Model:
             sys.exit(f"predict: cannot load {reference} from MLflow: {error.message}")
     if not Path(reference).is_file():
         sys.exit(f"predict: model {reference} not found; train it with `dvc repro` first")
-    return keras.models.load_model(reference)
+    try:
+        return keras.models.load_model(reference)
+    except (ValueError, OSError, TypeError) as error:
+        sys.exit(f"predict: cannot load {reference} as a Keras model: {error}")
 
 
 def write_predictions(out, files: list[Path], probs: np.ndarray, threshold: float) -> None:
@@ -100,17 +148,44 @@ def submission_rows(
     """`(id, P(dog))` sorted by id, where the id is the number in `test1/N.jpg`."""
     rows = [(path, float(prob)) for path, prob in zip(files, probs, strict=True)]
     rows += [(path, UNKNOWN_PROBABILITY) for path in unreadable]
-    try:
-        return sorted((int(path.stem), prob) for path, prob in rows)
-    except ValueError:
-        bad = next(path for path, _ in rows if not path.stem.isdigit())
-        sys.exit(f"predict: {bad} is not named like Kaggle's test images (test1/N.jpg)")
+    by_id: dict[int, Path] = {}
+    for path, _ in rows:
+        if not re.fullmatch(r"[1-9][0-9]*", path.stem):
+            sys.exit(f"predict: {path} is not named like Kaggle's test images (test1/N.jpg)")
+        if (clash := by_id.setdefault(int(path.stem), path)) != path:
+            sys.exit(f"predict: {clash} and {path} both claim id {path.stem}")
+    return sorted((int(path.stem), prob) for path, prob in rows)
 
 
 def write_submission(out, rows: list[tuple[int, float]]) -> None:
     writer = csv.writer(out)
     writer.writerow(["id", "label"])
     writer.writerows((image_id, f"{prob:.6f}") for image_id, prob in rows)
+
+
+def probability(text: str) -> float:
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"{text} is not between 0 and 1")
+    return value
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive whole number")
+    return value
+
+
+def refuse_unsafe_output(out: Path, inputs: Sequence[Path], files: list[Path]) -> None:
+    """`--out` must be a new or CSV file, never a folder or one of the images it reads."""
+    if out.is_dir():
+        sys.exit(
+            f"predict: --out {out} is a folder; give a file name such as {out}/predictions.csv"
+        )
+    resolved = out.resolve()
+    if is_image_name(out) or any(resolved == p.resolve() for p in [*inputs, *files]):
+        sys.exit(f"predict: --out {out} would overwrite an image; give a .csv file")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -124,8 +199,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="a trained .keras file, or an MLflow model URI such as models:/dogs-vs-cats@champion",
     )
     parser.add_argument("--out", type=Path, help="CSV to write (default: standard output)")
-    parser.add_argument("--threshold", type=float, default=0.5, help="P(dog) for 'dog'")
-    parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH)
+    parser.add_argument(
+        "--threshold", type=probability, default=0.5, help="P(dog) from which an image is a dog"
+    )
+    parser.add_argument("--batch-size", type=positive_int, default=DEFAULT_BATCH)
     parser.add_argument(
         "--kaggle-submission",
         action="store_true",
@@ -136,13 +213,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
-    model = load_model(args.model)
-    files, rejected = collect_inputs(args.inputs)
+    model = check_classifier(load_model(args.model), args.model)
+    files, rejected, reencode = collect_inputs(args.inputs)
+    if args.out:
+        refuse_unsafe_output(args.out, args.inputs, files)
     for path, reason in rejected:
         print(f"predict: skipped {path}: {reason}", file=sys.stderr)
     if not files:
         sys.exit("predict: no readable images given")
-    probs = predict_files(model, files, args.batch_size)
+    probs = predict_files(model, files, args.batch_size, reencode)
     if args.kaggle_submission:
         unreadable = [path for path, _ in rejected if path.is_file()]
         write = partial(write_submission, rows=submission_rows(files, probs, unreadable))

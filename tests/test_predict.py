@@ -72,3 +72,65 @@ def test_kaggle_submission_refuses_files_not_named_by_id(tmp_path, model_path):
     write_kaggle_tree(tmp_path / "photos", per_class=1)
     with pytest.raises(SystemExit, match="not named like Kaggle's test images"):
         main(["--model", str(model_path), str(tmp_path / "photos"), "--kaggle-submission"])
+
+
+def test_images_training_would_re_encode_are_re_encoded_here_too(tmp_path, model_path):
+    from PIL import Image
+
+    from pipeline.images import reencode_as_jpeg
+
+    folder = tmp_path / "odd"
+    folder.mkdir()
+    Image.new("1", (40, 40), 1).save(folder / "bw.bmp")  # TensorFlow cannot decode 1-bit BMPs
+    rgba = Image.new("RGBA", (40, 40), (200, 30, 30, 0))  # transparent: white, as in training
+    rgba.save(folder / "clear.png")
+    (tmp_path / "white.jpg").write_bytes(reencode_as_jpeg((folder / "clear.png").read_bytes()))
+    out = tmp_path / "p.csv"
+
+    main(["--model", str(model_path), str(folder), str(tmp_path / "white.jpg"), "--out", str(out)])
+
+    probs = {Path(r["file"]).name: float(r["prob_dog"]) for r in csv.DictReader(out.open())}
+    assert set(probs) == {"bw.bmp", "clear.png", "white.jpg"}
+    assert probs["clear.png"] == probs["white.jpg"]
+
+
+def test_predict_refuses_outputs_that_would_overwrite_an_input(tmp_path, model_path):
+    write_kaggle_tree(tmp_path / "photos", per_class=1)
+    photo = tmp_path / "photos/train/cat.0.jpg"
+    before = photo.read_bytes()
+    for out in (photo, tmp_path / "photos", tmp_path / "new.png"):
+        with pytest.raises(SystemExit, match=r"would overwrite an image|is a folder"):
+            main(["--model", str(model_path), str(photo), "--out", str(out)])
+    assert photo.read_bytes() == before and not (tmp_path / "new.png").exists()
+
+
+def test_predict_refuses_a_model_that_does_not_classify_images(tmp_path):
+    from pipeline.models import build_head
+
+    head = tmp_path / "head.keras"
+    for_inference(build_head(8, tiny_config().head)).save(head)  # as train_head saves it
+    (tmp_path / "text.keras").write_text("not a model")
+    write_kaggle_tree(tmp_path / "photos", per_class=1)
+    with pytest.raises(SystemExit, match=r"not images to P\(dog\)"):
+        main(["--model", str(head), str(tmp_path / "photos")])
+    with pytest.raises(SystemExit, match=r"cannot load .* as a Keras model"):
+        main(["--model", str(tmp_path / "text.keras"), str(tmp_path / "photos")])
+
+
+@pytest.mark.parametrize("option", [["--batch-size", "0"], ["--threshold", "2"]])
+def test_predict_refuses_out_of_range_options(tmp_path, model_path, option):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--model", str(model_path), str(tmp_path), *option])
+    assert exit_info.value.code == 2  # argparse's usage error
+
+
+@pytest.mark.parametrize("names", [["1.jpg", "01.jpg"], ["5.jpg", "5.png"], ["².jpg"]])
+def test_kaggle_submission_refuses_ids_that_clash_or_are_not_numbers(tmp_path, model_path, names):
+    from tests.conftest import jpeg_bytes, photo
+
+    test1 = tmp_path / "test1"
+    test1.mkdir()
+    for name in names:
+        (test1 / name).write_bytes(jpeg_bytes(photo(0, 1)))
+    with pytest.raises(SystemExit, match=r"both claim id|not named like Kaggle"):
+        main(["--model", str(model_path), str(test1), "--kaggle-submission"])
