@@ -11,12 +11,14 @@ Every model the training stages log carries the test metrics `evaluate` attached
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import mlflow
 from mlflow.entities import LoggedModel
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from pipeline import process, tracking
@@ -56,9 +58,32 @@ def promote(
     if not ranked:
         raise LookupError(f"no logged model has the metric '{metric}': run the pipeline first")
     best = ranked[0]
-    version = mlflow.register_model(f"models:/{best.model_id}", registered_name)
-    MlflowClient().set_registered_model_alias(registered_name, alias, version.version)
+    client, source = MlflowClient(), f"models:/{best.model_id}"
+    # Promoting the same model again reuses its version rather than adding one.
+    existing = [
+        version
+        for version in client.search_model_versions(f"name = '{registered_name}'")
+        if version.source == source
+    ]
+    version = existing[0] if existing else mlflow.register_model(source, registered_name)
+    client.set_registered_model_alias(registered_name, alias, version.version)
     return best, version.version
+
+
+def name_problem(name: str) -> str | None:
+    if not name.strip() or "/" in name or ":" in name:
+        return f"--name {name!r}: give a non-empty name without '/' or ':'"
+    return None
+
+
+def alias_problem(alias: str) -> str | None:
+    """MLflow reserves `latest` and `v<N>`, which name versions, and allows letters, digits,
+    '_' and '-' only."""
+    if alias.lower() == "latest" or re.fullmatch(r"[vV]\d+", alias):
+        return f"--alias {alias!r} is reserved by MLflow for versions; choose another"
+    if not re.fullmatch(r"[\w-]+", alias):
+        return f"--alias {alias!r}: use letters, digits, '_' and '-' only"
+    return None
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -72,11 +97,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     command.add_argument("--name", default=DEFAULT_NAME, help="registered model name")
     command.add_argument("--alias", default=DEFAULT_ALIAS)
     args = parser.parse_args(argv)
+    if problem := name_problem(args.name) or alias_problem(args.alias):
+        parser.error(problem)
     mlflow.set_tracking_uri(tracking.tracking_uri())
     try:
         best, version = promote(args.metric, args.model, args.name, args.alias)
     except LookupError as error:
         sys.exit(f"registry: {error}")
+    except MlflowException as error:
+        sys.exit(f"registry: MLflow refused: {error.message}")
     print(
         f"registry: {best.name} model {best.model_id} ({args.metric} {best.score:.4f}) is "
         f"version {version} of '{args.name}', alias @{args.alias}: "

@@ -36,3 +36,15 @@ def test_best_model_first_higher_or_lower_as_the_metric_wants() -> None:
 def test_candidates_can_be_limited_to_one_kind() -> None:
     assert [c.model_id for c in candidates(MODELS, "test_accuracy", "cnn")] == ["m-1"]
     assert candidates(MODELS, "test_f1", None) == []
+
+
+def test_names_and_aliases_mlflow_would_refuse_are_caught_first() -> None:
+    from pipeline.registry import alias_problem, name_problem
+
+    assert alias_problem("champion") is None and alias_problem("staging-2") is None
+    for reserved in ("latest", "Latest", "v1", "V12"):
+        assert "reserved" in alias_problem(reserved)
+    assert "letters, digits" in alias_problem("my alias")
+    assert name_problem("dogs-vs-cats") is None
+    for bad in ("", "  ", "a/b", "models:x"):
+        assert "non-empty name" in name_problem(bad)

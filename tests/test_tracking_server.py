@@ -50,6 +50,17 @@ def test_pipeline_logs_to_a_shared_server_and_the_champion_predicts(tmp_path) ->
         assert "alias @champion" in promoted
         version = client.get_model_version_by_alias("dogs-vs-cats", "champion")
         assert version.version == "1"
+        best = max(models, key=lambda m: {x.key: x.value for x in m.metrics}["test_accuracy"])
+        assert version.source == f"models:/{best.model_id}"
+        # Promoting the same best model again reuses its version.
+        copy.run(copy.python, "-m", "pipeline.registry", "promote", "--alias", "prod")
+        versions = client.search_model_versions("name = 'dogs-vs-cats'")
+        assert [v.version for v in versions] == ["1"]
+        assert client.get_model_version_by_alias("dogs-vs-cats", "prod").version == "1"
+        refused = copy.run(
+            copy.python, "-m", "pipeline.registry", "promote", "--alias", "v2", check=False
+        )
+        assert "reserved by MLflow" in refused
 
         out = tmp_path / "predictions.csv"
         copy.run(
