@@ -84,11 +84,20 @@ def to_markdown(table: pd.DataFrame) -> str:
     return "\n".join([header, rule, *rows]) + "\n"
 
 
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive whole number")
+    return value
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m pipeline.compare", description=__doc__)
     parser.add_argument("--metric", default=DEFAULT_METRIC, help="metric to sort by")
     parser.add_argument("--experiment", default=tracking.experiment_name())
-    parser.add_argument("--limit", type=int, default=50, help="show at most this many rows")
+    parser.add_argument(
+        "--limit", type=positive_int, default=50, help="show at most this many rows"
+    )
     output = parser.add_mutually_exclusive_group()
     output.add_argument("--csv", action="store_true", help="CSV on standard output")
     output.add_argument("--markdown", action="store_true", help="a Markdown table")
@@ -98,9 +107,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     mlflow.set_tracking_uri(tracking.tracking_uri())
-    table = comparison(executions(args.experiment), args.metric).head(args.limit)
-    if table.empty:
+    runs = executions(args.experiment)
+    if runs.empty:
         sys.exit(f"compare: no pipeline executions in experiment '{args.experiment}' yet")
+    logged = sorted(c.removeprefix("metrics.") for c in runs.columns if c.startswith("metrics."))
+    if args.metric not in logged:
+        if args.metric != DEFAULT_METRIC:
+            sys.exit(f"compare: no execution has the metric '{args.metric}'; they have: {logged}")
+        print(f"compare: no execution has {args.metric} yet; newest first", file=sys.stderr)
+    table = comparison(runs, args.metric).head(args.limit)
     if args.csv:
         table.to_csv(sys.stdout, index=False)
     elif args.markdown:

@@ -76,3 +76,15 @@ def test_an_empty_store_says_so(tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'empty.db'}")
     with pytest.raises(SystemExit, match="no pipeline executions"):
         compare.main([])
+
+
+def test_an_unknown_metric_lists_the_known_ones_and_limit_counts_rows(store, capsys) -> None:
+    with pytest.raises(SystemExit, match=r"no execution has the metric 'transfer_test_acuracy'"):
+        compare.main(["--metric", "transfer_test_acuracy"])
+    compare.main(["--csv", "--limit", "1"])
+    assert [r["dvc_exp"] for r in csv.DictReader(io.StringIO(capsys.readouterr().out))] == [
+        "fast-lr"
+    ]
+    with pytest.raises(SystemExit) as exit_info:
+        compare.main(["--limit", "0"])
+    assert exit_info.value.code == 2  # argparse's usage error
