@@ -16,6 +16,7 @@ from collections.abc import Sequence
 
 import mlflow
 import pandas as pd
+from mlflow.exceptions import MlflowException
 
 from pipeline import process, tracking
 
@@ -107,7 +108,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     mlflow.set_tracking_uri(tracking.tracking_uri())
-    runs = executions(args.experiment)
+    try:
+        runs = executions(args.experiment)
+    except MlflowException as error:  # an unreachable or refusing tracking server
+        sys.exit(f"compare: cannot read {tracking.tracking_uri()}: {error.message}")
     if runs.empty:
         sys.exit(f"compare: no pipeline executions in experiment '{args.experiment}' yet")
     logged = sorted(c.removeprefix("metrics.") for c in runs.columns if c.startswith("metrics."))

@@ -22,10 +22,13 @@ DVC_TEMP_EXPERIMENTS = Path(".dvc") / "tmp" / "exps"
 
 
 def project_root(cwd: Path | None = None) -> Path:
-    """The repository the user works in, also from inside a DVC temporary experiment copy.
+    """The repository the user works in, also from inside a DVC temporary experiment copy
+    or one of its subfolders.
 
     DVC sets `DVC_ROOT` to that repository for the stages it runs (queued and `--temp`
-    experiments included); outside DVC the folder is recognised by its path.
+    experiments included); outside DVC the folder is recognised by its path, else it is
+    the nearest folder up holding `dvc.yaml` (the CLIs run from a subfolder find the same
+    MLflow store), else the current folder.
     """
     if cwd is None and os.environ.get("DVC_ROOT"):
         return Path(os.environ["DVC_ROOT"]).resolve()
@@ -35,7 +38,9 @@ def project_root(cwd: Path | None = None) -> Path:
     for index in range(len(parts) - len(marker) + 1):
         if parts[index : index + len(marker)] == marker:
             return Path(*parts[:index])
-    return here
+    return next(
+        (folder for folder in (here, *here.parents) if (folder / "dvc.yaml").is_file()), here
+    )
 
 
 def _staging_path(target: Path, suffix: str) -> Path:

@@ -88,3 +88,10 @@ def test_an_unknown_metric_lists_the_known_ones_and_limit_counts_rows(store, cap
     with pytest.raises(SystemExit) as exit_info:
         compare.main(["--limit", "0"])
     assert exit_info.value.code == 2  # argparse's usage error
+
+
+def test_an_unreachable_server_is_one_line(monkeypatch) -> None:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")  # nothing listens there
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    with pytest.raises(SystemExit, match=r"cannot read http://127\.0\.0\.1:9"):
+        compare.main([])

@@ -74,6 +74,13 @@ def test_project_root_sees_through_dvc_temporary_experiment_copies(tmp_path: Pat
     assert project_root(repo) == repo.resolve()
 
 
+def test_project_root_from_a_subfolder_is_the_folder_with_dvc_yaml(tmp_path: Path) -> None:
+    (tmp_path / "repo" / "reports" / "evaluate").mkdir(parents=True)
+    (tmp_path / "repo" / "dvc.yaml").write_text("stages: {}\n")
+    assert project_root(tmp_path / "repo" / "reports" / "evaluate") == (tmp_path / "repo").resolve()
+    assert project_root(tmp_path) == tmp_path.resolve()  # no dvc.yaml above: where it runs
+
+
 def test_project_root_follows_dvc_root_when_dvc_runs_the_stage(tmp_path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("DVC_ROOT", str(tmp_path / "user-repo"))
