@@ -210,21 +210,26 @@ def test_failed_imagenet_download_names_the_fixes(monkeypatch) -> None:
 
 
 @pytest.mark.parametrize(
-    ("backbone", "size", "features"),
+    ("backbone", "size", "features", "preprocessing"),
     [
-        ("resnet50", 32, 2048),
-        ("mobilenet_v2", 32, 1280),
-        ("efficientnet_b0", 32, 1280),
-        ("xception", 71, 2048),
+        ("vgg16", 32, 512, "caffe_preprocess"),
+        ("resnet50", 32, 2048, "caffe_preprocess"),
+        ("mobilenet_v2", 32, 1280, "tf_preprocess"),
+        ("efficientnet_b0", 32, 1280, None),  # it rescales inside its own graph
+        ("xception", 71, 2048, "tf_preprocess"),
     ],
 )
-def test_every_backbone_builds_with_its_preprocessing(backbone, size, features) -> None:
+def test_every_backbone_builds_with_its_preprocessing(
+    backbone, size, features, preprocessing
+) -> None:
     cfg = FEATURES.model_copy(
         update={"backbone": backbone, "image_size": (size, size), "pooling": "avg"}
     )
     model = build_backbone(cfg)
     assert model.name == f"{backbone}_features"
     assert model.output_shape == (None, features)
+    names = {layer.name for layer in model.layers}
+    assert {"caffe_preprocess", "tf_preprocess"} & names == ({preprocessing} - {None})
     images = np.random.default_rng(0).uniform(0, 255, (1, size, size, 3)).astype("float32")
     assert np.all(np.isfinite(model.predict(images, verbose=0)))
 

@@ -112,6 +112,20 @@ def test_split_copies_where_hard_links_are_refused(tmp_path: Path, monkeypatch) 
     assert not (tmp_path / "b.jpg").samefile(source)
 
 
+def test_many_images_are_checked_in_processes_with_the_same_verdicts(tmp_path: Path) -> None:
+    from tests.conftest import jpeg_bytes, photo
+
+    good = jpeg_bytes(photo(0, 1))
+    images = []
+    for index in range(300):  # past the size where the check moves to a process pool
+        path = tmp_path / f"cat.{index}.jpg"
+        path.write_bytes(good if index % 3 else b"")
+        images.append(LabeledImage(path, 0))
+    pooled = check_images(images, workers=2)
+    assert [v.image for v in pooled] == images  # in order
+    assert [v.problem for v in pooled] == [None if i % 3 else "empty file" for i in range(300)]
+
+
 def test_names_that_differ_only_in_case_stay_two_files(tmp_path: Path) -> None:
     for name, data in (("a/Cat.1.jpg", b"first"), ("b/cat.1.jpg", b"second")):
         (tmp_path / name).parent.mkdir()
