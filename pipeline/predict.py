@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import os
 import re
 import sys
 import tempfile
@@ -233,7 +234,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         dogs = int((probs >= args.threshold).sum())
         print(f"predict: {len(files)} images, {dogs} dogs, {len(files) - dogs} cats -> {args.out}")
     else:
-        write(sys.stdout)
+        try:
+            write(sys.stdout)
+            sys.stdout.flush()
+        except BrokenPipeError:  # `| head`: the reader has what it wanted
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit
+            sys.exit(1)
 
 
 if __name__ == "__main__":
