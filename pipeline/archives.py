@@ -136,8 +136,6 @@ def extract(archive: Path, target: Path, limits: Limits = Limits()) -> int:
             return extract_zip(archive, target, limits)
         if tarfile.is_tarfile(archive):
             return extract_tar(archive, target, limits)
-    except ArchiveError:
-        raise
     except (zipfile.BadZipFile, tarfile.TarError, EOFError, zlib.error, OSError) as error:
         # OSError: entries that clash (a file and a folder of one name), or a full disk.
         raise ArchiveError(f"cannot extract {archive.name}: {error}") from error

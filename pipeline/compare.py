@@ -85,19 +85,12 @@ def to_markdown(table: pd.DataFrame) -> str:
     return "\n".join([header, rule, *rows]) + "\n"
 
 
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text} is not a positive whole number")
-    return value
-
-
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m pipeline.compare", description=__doc__)
     parser.add_argument("--metric", default=DEFAULT_METRIC, help="metric to sort by")
     parser.add_argument("--experiment", default=tracking.experiment_name())
     parser.add_argument(
-        "--limit", type=positive_int, default=50, help="show at most this many rows"
+        "--limit", type=process.positive_int, default=50, help="show at most this many rows"
     )
     output = parser.add_mutually_exclusive_group()
     output.add_argument("--csv", action="store_true", help="CSV on standard output")

@@ -88,8 +88,9 @@ def predict_files(
         sources = []
         for index, path in enumerate(files):
             if path in reencode:
-                path = Path(converted) / f"{index}.jpg"
-                path.write_bytes(reencode_as_jpeg(files[index].read_bytes()))
+                copy = Path(converted) / f"{index}.jpg"
+                copy.write_bytes(reencode_as_jpeg(path.read_bytes()))
+                path = copy
             sources.append(str(path))
         dataset = (
             tf.data.Dataset.from_tensor_slices(sources)
@@ -171,21 +172,15 @@ def probability(text: str) -> float:
     return value
 
 
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text} is not a positive whole number")
-    return value
-
-
-def refuse_unsafe_output(out: Path, inputs: Sequence[Path], files: list[Path]) -> None:
-    """`--out` must be a new or CSV file, never a folder or one of the images it reads."""
+def refuse_unsafe_output(out: Path, inputs: Sequence[Path]) -> None:
+    """`--out` must be a new or CSV file, never a folder or one of the files it reads (any
+    image found in a folder has an image's name)."""
     if out.is_dir():
         sys.exit(
             f"predict: --out {out} is a folder; give a file name such as {out}/predictions.csv"
         )
     resolved = out.resolve()
-    if is_image_name(out) or any(resolved == p.resolve() for p in [*inputs, *files]):
+    if is_image_name(out) or any(resolved == p.resolve() for p in inputs):
         sys.exit(f"predict: --out {out} would overwrite an image; give a .csv file")
 
 
@@ -203,7 +198,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--threshold", type=probability, default=0.5, help="P(dog) from which an image is a dog"
     )
-    parser.add_argument("--batch-size", type=positive_int, default=DEFAULT_BATCH)
+    parser.add_argument("--batch-size", type=process.positive_int, default=DEFAULT_BATCH)
     parser.add_argument(
         "--kaggle-submission",
         action="store_true",
@@ -214,10 +209,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.out:
+        refuse_unsafe_output(args.out, args.inputs)
     model = check_classifier(load_model(args.model), args.model)
     files, rejected, reencode = collect_inputs(args.inputs)
-    if args.out:
-        refuse_unsafe_output(args.out, args.inputs, files)
     for path, reason in rejected:
         print(f"predict: skipped {path}: {reason}", file=sys.stderr)
     if not files:

@@ -1,7 +1,9 @@
-"""How each `python -m pipeline.<module>` runs: its `main()`, then a quick exit."""
+"""How each `python -m pipeline.<module>` runs: its `main()`, then a quick exit; and the
+argument types the command-line tools share."""
 
 from __future__ import annotations
 
+import argparse
 import gc
 from collections.abc import Callable
 
@@ -17,3 +19,10 @@ def run(main: Callable[[], None]) -> None:
     """
     main()
     gc.freeze()
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive whole number")
+    return value
