@@ -17,7 +17,7 @@ import os
 import re
 import sys
 import tempfile
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from functools import partial
 from pathlib import Path
 
@@ -172,16 +172,17 @@ def probability(text: str) -> float:
     return value
 
 
-def refuse_unsafe_output(out: Path, inputs: Sequence[Path]) -> None:
-    """`--out` must be a new or CSV file, never a folder or one of the files it reads (any
-    image found in a folder has an image's name)."""
+def refuse_unsafe_output(out: Path, reads: Iterable[Path]) -> None:
+    """`--out` must be a new or CSV file, never a folder or one of the files it reads.
+
+    Paths are compared resolved: a link `x.jpg` in a folder given may point to `data.csv`."""
     if out.is_dir():
         sys.exit(
             f"predict: --out {out} is a folder; give a file name such as {out}/predictions.csv"
         )
     resolved = out.resolve()
-    if is_image_name(out) or any(resolved == p.resolve() for p in inputs):
-        sys.exit(f"predict: --out {out} would overwrite an image; give a .csv file")
+    if is_image_name(out) or any(resolved == p.resolve() for p in reads):
+        sys.exit(f"predict: --out {out} would overwrite a file it reads; give a new .csv file")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -213,6 +214,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         refuse_unsafe_output(args.out, args.inputs)
     model = check_classifier(load_model(args.model), args.model)
     files, rejected, reencode = collect_inputs(args.inputs)
+    if args.out:  # the early check saw only the inputs given, not the files found in them
+        refuse_unsafe_output(args.out, [*files, *(path for path, _ in rejected)])
     for path, reason in rejected:
         print(f"predict: skipped {path}: {reason}", file=sys.stderr)
     if not files:

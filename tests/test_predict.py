@@ -99,9 +99,20 @@ def test_predict_refuses_outputs_that_would_overwrite_an_input(tmp_path, model_p
     photo = tmp_path / "photos/train/cat.0.jpg"
     before = photo.read_bytes()
     for out in (photo, tmp_path / "photos", tmp_path / "new.png"):
-        with pytest.raises(SystemExit, match=r"would overwrite an image|is a folder"):
+        with pytest.raises(SystemExit, match=r"would overwrite a file it reads|is a folder"):
             main(["--model", str(model_path), str(photo), "--out", str(out)])
     assert photo.read_bytes() == before and not (tmp_path / "new.png").exists()
+
+
+def test_predict_refuses_an_out_that_an_image_link_in_a_folder_points_to(tmp_path, model_path):
+    """Only the link's name is an image's: `--out` is compared with the file it points to."""
+    write_kaggle_tree(tmp_path / "photos", per_class=1)
+    target = tmp_path / "notes.csv"
+    target.write_text("mine\n")
+    (tmp_path / "photos/train/x.jpg").symlink_to(target)
+    with pytest.raises(SystemExit, match="would overwrite a file it reads"):
+        main(["--model", str(model_path), str(tmp_path / "photos"), "--out", str(target)])
+    assert target.read_text() == "mine\n"
 
 
 def test_predict_refuses_a_model_that_does_not_classify_images(tmp_path):
