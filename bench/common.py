@@ -70,6 +70,22 @@ def base_parser(description: str, images: bool = True) -> argparse.ArgumentParse
     return parser
 
 
+def add_workdir_argument(parser: argparse.ArgumentParser) -> None:
+    """`--workdir`: where a benchmark makes its throwaway copies, created when missing."""
+    parser.add_argument(
+        "--workdir", type=made_dir, help="where to make its copies (default: a temp dir)"
+    )
+
+
+def made_dir(text: str) -> Path:
+    path = Path(text).expanduser()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise argparse.ArgumentTypeError(f"cannot create {path}: {error.strerror}") from None
+    return path
+
+
 def repo_config() -> Config:
     """This repository's `params.yaml`, the configuration the benchmarks measure."""
     return load_config(REPO_ROOT / "params.yaml")

@@ -30,7 +30,16 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from bench.common import Report, base_parser, median, path_bytes, ratio, repo_config, timed
+from bench.common import (
+    Report,
+    add_workdir_argument,
+    base_parser,
+    median,
+    path_bytes,
+    ratio,
+    repo_config,
+    timed,
+)
 
 DATA_PARTS = ("data/raw", "data/split", "data/augmented", "data/features", "models", "reports")
 # Not DVC's, but written by every run: the MLflow store, its artifacts (models again).
@@ -121,7 +130,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
     parser = base_parser(__doc__.split("\n\n")[0])
     parser.add_argument("--repo", type=Path, help="measure this repository instead of a copy")
     parser.add_argument("--repeats", type=int, default=3, help="dvc status runs (default 3)")
-    parser.add_argument("--workdir", type=Path, help="where to make the copy (default: temp)")
+    add_workdir_argument(parser)
     parser.add_argument(
         "--resize",
         metavar="WxH",

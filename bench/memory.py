@@ -42,6 +42,7 @@ from bench.common import (
     REPO_ROOT,
     Report,
     Timer,
+    add_workdir_argument,
     base_parser,
     dvc_stages,
     ratio,
@@ -339,7 +340,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
         f"quick {QUICK_FEATURE_DIM})",
     )
     parser.add_argument("--timeout", type=float, default=3600, help="seconds per stage")
-    parser.add_argument("--workdir", type=Path, help="where to make the copies (default: temp)")
+    add_workdir_argument(parser)
     parser.add_argument("--finetune", action="store_true", help="run the finetune stage too")
     parser.add_argument(
         "--epochs", type=int, help="epochs of train_cnn and train_head (default 3; quick 1)"

@@ -22,7 +22,7 @@ from bench import (
     precision,
     training_step,
 )
-from bench.common import dvc_stages, write_synthetic_images
+from bench.common import add_workdir_argument, base_parser, dvc_stages, write_synthetic_images
 from bench.memory import fastest_run, fit_line
 from tests.conftest import zip_tree
 
@@ -128,7 +128,8 @@ def test_fit_line_finds_slope_intercept_and_fit() -> None:
 @pytest.mark.slow
 def test_incremental_and_disk_run_dvc_on_a_copy(tiny_zip: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
-    args = ["--quick", "--images", str(tiny_zip), "--out", str(out), "--workdir", str(tmp_path)]
+    workdir = tmp_path / "not/yet"  # --workdir is created when missing
+    args = ["--quick", "--images", str(tiny_zip), "--out", str(out), "--workdir", str(workdir)]
     data = load_result(incremental.main([*args, "--keep"]), "incremental")
     steps = data["results"]["steps"]
     assert next(iter(steps)) == "from scratch" and len(steps) == 4
@@ -251,3 +252,26 @@ def test_copies_make_distinct_files_of_both_classes(tiny_zip: Path, tmp_path: Pa
     assert len(contents) == len(names)  # mirrored and shifted copies differ from the originals
     assert sum(name.startswith("train/cat.") for name in names) == 3 * 12
     assert all(name.startswith(("train/cat.", "train/dog.")) for name in names)
+
+
+def test_workdir_is_created_when_missing_and_refused_under_a_file(tmp_path: Path, capsys) -> None:
+    parser = base_parser("test", images=False)
+    add_workdir_argument(parser)
+    nested = tmp_path / "a/b"
+    assert parser.parse_args(["--workdir", str(nested)]).workdir == nested and nested.is_dir()
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--workdir", str(tmp_path / "file/sub")])
+    assert "cannot create" in capsys.readouterr().err
+
+
+def test_incremental_edits_the_head_then_the_cnn_unless_told_not_to() -> None:
+    params = {"head": {"learning_rate": 0.0001}, "train_cnn": {"dropout": 0.4}}
+    edits = incremental.planned_edits(params)
+    assert list(edits.values()) == [
+        None,
+        None,
+        ("head", "learning_rate", pytest.approx(0.001)),
+        ("train_cnn", "dropout", 0.3),  # a real change, whatever the configured dropout
+    ]
+    assert list(incremental.planned_edits(params, cnn_edit=False)) == list(edits)[:3]
