@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import json
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 
 import keras
@@ -25,7 +26,7 @@ from pipeline import plots, process, tracking
 from pipeline.config import load_config_or_exit
 from pipeline.datasets import image_dataset
 from pipeline.extract_features import load_features
-from pipeline.files import atomic_file, write_json, write_text
+from pipeline.files import atomic_files
 from pipeline.images import CLASS_NAMES, LabeledImage, list_split
 
 METRIC_NAMES = ("accuracy", "precision", "recall", "f1", "roc_auc", "log_loss")
@@ -65,7 +66,7 @@ def write_predictions(
     path: Path, files: list[str], labels: np.ndarray, probs: np.ndarray, threshold: float
 ) -> None:
     """One row per test image: the file DVC's confusion plot and the error gallery read."""
-    with atomic_file(path) as staging, staging.open("w", newline="") as handle:
+    with path.open("w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["file", "actual", "predicted", "prob_dog"])
         for file, label, prob in zip(files, labels, probs, strict=True):
@@ -76,7 +77,7 @@ def write_predictions(
 
 def write_roc(path: Path, labels: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     fpr, tpr, _ = skm.roc_curve(labels, probs)
-    with atomic_file(path) as staging, staging.open("w", newline="") as handle:
+    with path.open("w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["fpr", "tpr"])
         writer.writerows(zip(np.round(fpr, 6), np.round(tpr, 6), strict=True))
@@ -108,17 +109,39 @@ def mistakes_figure(name: str, mistakes: list[tuple[str, int, float]]):
     return plots.gallery([thumbnail(file) for file, _, _ in mistakes], captions, title)
 
 
-def save_figure(figure, path: Path) -> None:
-    with atomic_file(path) as staging:
-        figure.savefig(staging)
-
-
 def logged_model_id(training_metrics: Path) -> str | None:
     """The MLflow logged-model id a training stage recorded beside its metrics, if any."""
     try:
         return json.loads(training_metrics.read_text()).get("mlflow_model_id")
     except (FileNotFoundError, json.JSONDecodeError):
         return None
+
+
+def attach_test_metrics(
+    results: dict[str, dict[str, float]], model_ids: dict[str, str | None]
+) -> list[str]:
+    """Logs each model's test metrics on its MLflow logged model and the run that trained it,
+    not on this stage's run, where every model's `test_accuracy` would collide.
+
+    Returns a warning for each model whose id this tracking store does not know: the ids come
+    from the training stages' metrics.json, which git carries to clones whose store is
+    another (a new `mlflow.db`, a tracking server) until those stages run again there.
+    """
+    warnings = []
+    for model, model_id in model_ids.items():
+        if not model_id or model not in results:
+            continue
+        scores = {f"test_{name}": value for name, value in results[model].items()}
+        try:
+            source_run = mlflow.get_logged_model(model_id).source_run_id
+            mlflow.log_metrics(scores, model_id=model_id, run_id=source_run)
+        except mlflow.exceptions.MlflowException as error:
+            warnings.append(
+                f"evaluate: {model}'s test metrics are not on its MLflow model {model_id}, "
+                f"which {mlflow.get_tracking_uri()} does not hold ({error.error_code}); "
+                "they are on this stage's run and its parent"
+            )
+    return warnings
 
 
 def predict_images(
@@ -166,7 +189,11 @@ def main() -> None:
             "test",
             "evaluation",
         )
-        results = write_reports(predictions, threshold, reports)
+        ids = {
+            "mlflow_run_id": run.info.run_id,
+            "mlflow_parent_run_id": tracking.parent_run_id(run),
+        }
+        results, written = write_reports(predictions, threshold, reports, ids)
         flat = {
             f"{model}_test_{name}": value
             for model, scores in results.items()
@@ -174,52 +201,64 @@ def main() -> None:
         }
         mlflow.log_metrics(flat)
         tracking.log_to_parent(run, flat)
-        for model, model_id in model_ids.items():
-            if model_id and model in results:
-                # On the logged model and the run that trained it, not on this stage's run,
-                # where both models' `test_accuracy` would collide.
-                scores = {f"test_{name}": value for name, value in results[model].items()}
-                source_run = mlflow.get_logged_model(model_id).source_run_id
-                mlflow.log_metrics(scores, model_id=model_id, run_id=source_run)
-        ids = {
-            "mlflow_run_id": run.info.run_id,
-            "mlflow_parent_run_id": tracking.parent_run_id(run),
-        }
-        write_json(reports / "metrics.json", {**results, **ids})
-        mlflow.log_artifacts(str(reports), artifact_path="reports")
+        for warning in attach_test_metrics(results, model_ids):
+            print(warning, file=sys.stderr)
+        for path in written:  # not the whole folder: no fine-tuned reports of an earlier run
+            mlflow.log_artifact(str(path), artifact_path="reports")
     table = comparison_table(results)
     print("evaluate: test split results\n" + table)
+
+
+PER_MODEL_REPORTS = ("predictions_{}.csv", "roc_{}.csv", "confusion_{}.png", "mistakes_{}.png")
+SHARED_REPORTS = ("roc.png", "precision_recall.png", "calibration.png", "comparison.md")
+
+
+def report_paths(models: Iterable[str], reports: Path) -> dict[str, Path]:
+    """Every file the stage writes for `models`, by name; metrics.json last."""
+    names = [pattern.format(model) for model in models for pattern in PER_MODEL_REPORTS]
+    return {name: reports / name for name in [*names, *SHARED_REPORTS, "metrics.json"]}
 
 
 def write_reports(
     predictions: dict[str, tuple[list[str], np.ndarray, np.ndarray]],
     threshold: float,
     reports: Path,
-) -> dict[str, dict[str, float]]:
-    """Metrics, per-image predictions, curves and figures of every model; returns the metrics."""
+    ids: dict[str, str | None] | None = None,
+) -> tuple[dict[str, dict[str, float]], list[Path]]:
+    """Metrics, per-image predictions, curves and figures of every model, and metrics.json
+    (the metrics and `ids`); returns the metrics and the files written.
+
+    The files replace the previous ones together once all are written (`atomic_files`): a
+    failure part-way leaves the last run's reports whole, never a mix of two runs.
+    """
+    targets = report_paths(predictions, reports)
     results: dict[str, dict[str, float]] = {}
     roc, precision_recall, calibrations = {}, {}, {}
-    for name, (files, labels, probs) in predictions.items():
-        results[name] = classification_metrics(labels, probs, threshold)
-        write_predictions(reports / f"predictions_{name}.csv", files, labels, probs, threshold)
-        fpr, tpr = write_roc(reports / f"roc_{name}.csv", labels, probs)
-        roc[name] = (fpr, tpr, results[name]["roc_auc"])
-        precision, recall, _ = skm.precision_recall_curve(labels, probs)
-        precision_recall[name] = (recall, precision, skm.average_precision_score(labels, probs))
-        observed, predicted = calibration_curve(labels, probs, n_bins=CALIBRATION_BINS)
-        calibrations[name] = (predicted, observed)
-        matrix = skm.confusion_matrix(labels, (probs >= threshold).astype(int), labels=[0, 1])
-        title = f"{name} on the test split"
-        save_figure(
-            plots.confusion_matrix(matrix, CLASS_NAMES, title), reports / f"confusion_{name}.png"
-        )
-        mistakes = confident_mistakes(files, labels, probs, threshold, GALLERY_SIZE)
-        save_figure(mistakes_figure(name, mistakes), reports / f"mistakes_{name}.png")
-    save_figure(plots.roc_curves(roc), reports / "roc.png")
-    save_figure(plots.precision_recall_curves(precision_recall), reports / "precision_recall.png")
-    save_figure(plots.calibration(calibrations), reports / "calibration.png")
-    write_text(reports / "comparison.md", comparison_table(results))
-    return results
+    with atomic_files(*targets.values()) as staged:
+        out = dict(zip(targets, staged, strict=True))
+        for name, (files, labels, probs) in predictions.items():
+            results[name] = classification_metrics(labels, probs, threshold)
+            write_predictions(out[f"predictions_{name}.csv"], files, labels, probs, threshold)
+            fpr, tpr = write_roc(out[f"roc_{name}.csv"], labels, probs)
+            roc[name] = (fpr, tpr, results[name]["roc_auc"])
+            precision, recall, _ = skm.precision_recall_curve(labels, probs)
+            average_precision = skm.average_precision_score(labels, probs)
+            precision_recall[name] = (recall, precision, average_precision)
+            observed, predicted = calibration_curve(labels, probs, n_bins=CALIBRATION_BINS)
+            calibrations[name] = (predicted, observed)
+            matrix = skm.confusion_matrix(labels, (probs >= threshold).astype(int), labels=[0, 1])
+            title = f"{name} on the test split"
+            confusion = plots.confusion_matrix(matrix, CLASS_NAMES, title)
+            confusion.savefig(out[f"confusion_{name}.png"])
+            mistakes = confident_mistakes(files, labels, probs, threshold, GALLERY_SIZE)
+            mistakes_figure(name, mistakes).savefig(out[f"mistakes_{name}.png"])
+        plots.roc_curves(roc).savefig(out["roc.png"])
+        plots.precision_recall_curves(precision_recall).savefig(out["precision_recall.png"])
+        plots.calibration(calibrations).savefig(out["calibration.png"])
+        out["comparison.md"].write_text(comparison_table(results))
+        metrics = {**results, **(ids or {})}
+        out["metrics.json"].write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    return results, list(targets.values())
 
 
 if __name__ == "__main__":

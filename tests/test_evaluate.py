@@ -1,13 +1,16 @@
 from __future__ import annotations
 
 import csv
+import json
 import math
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from pipeline import evaluate
 from pipeline.evaluate import (
+    attach_test_metrics,
     classification_metrics,
     comparison_table,
     confident_mistakes,
@@ -60,20 +63,28 @@ def test_confident_mistakes_come_first_and_right_answers_never() -> None:
     assert confident_mistakes(files, labels, probs, 0.5, 10)[-1] == ("b", 0, 0.6)
 
 
-def test_reports_hold_every_figure_and_table(tmp_path: Path) -> None:
+def two_models_predictions(folder: Path) -> dict[str, tuple[list[str], np.ndarray, np.ndarray]]:
     from tests.conftest import jpeg_bytes, photo
 
     files = []
     for i in range(8):
-        path = tmp_path / f"img{i}.jpg"
+        path = folder / f"img{i}.jpg"
         path.write_bytes(jpeg_bytes(photo(i % 2, i)))
         files.append(str(path))
     labels = np.array([0, 1] * 4)
     probs = np.linspace(0.05, 0.95, 8)
-    predictions = {"cnn": (files, labels, probs), "transfer": (files, labels, probs[::-1])}
-    results = write_reports(predictions, 0.5, tmp_path / "reports")
+    return {"cnn": (files, labels, probs), "transfer": (files, labels, probs[::-1])}
+
+
+def test_reports_hold_every_figure_and_table(tmp_path: Path) -> None:
+    predictions = two_models_predictions(tmp_path)
+    ids = {"mlflow_run_id": "abc"}
+    results, written = write_reports(predictions, 0.5, tmp_path / "reports", ids)
     assert set(results) == {"cnn", "transfer"}
     names = {p.name for p in (tmp_path / "reports").iterdir()}
+    assert names == {p.name for p in written}  # nothing else, no staging files left
+    metrics = json.loads((tmp_path / "reports/metrics.json").read_text())
+    assert metrics["mlflow_run_id"] == "abc" and metrics["cnn"] == results["cnn"]
     for expected in (
         "roc.png",
         "precision_recall.png",
@@ -85,3 +96,36 @@ def test_reports_hold_every_figure_and_table(tmp_path: Path) -> None:
         "roc_transfer.csv",
     ):
         assert expected in names
+
+
+def test_a_failure_part_way_leaves_the_previous_reports_whole(tmp_path: Path, monkeypatch) -> None:
+    predictions = two_models_predictions(tmp_path)
+    reports = tmp_path / "reports"
+    _, written = write_reports(predictions, 0.5, reports, {"mlflow_run_id": "first"})
+    before = {path.name: path.read_bytes() for path in written}
+
+    def fail(*_args):
+        raise RuntimeError("the disk filled up")
+
+    monkeypatch.setattr(evaluate.plots, "calibration", fail)  # after every per-model file
+    flipped = {name: (f, y, 1 - p) for name, (f, y, p) in predictions.items()}
+    with pytest.raises(RuntimeError, match="disk filled"):
+        write_reports(flipped, 0.5, reports, {"mlflow_run_id": "second"})
+    assert {path.name: path.read_bytes() for path in reports.iterdir()} == before
+
+
+def test_test_metrics_of_a_model_the_store_does_not_know_are_a_warning(tmp_path, monkeypatch):
+    import mlflow
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    results = {"cnn": {"accuracy": 0.9}, "transfer": {"accuracy": 0.8}}
+    # The ids a training stage recorded in a clone whose MLflow store was another one.
+    warnings = attach_test_metrics(results, {"cnn": "m-0123456789abcdef", "transfer": None})
+    assert len(warnings) == 1 and "cnn" in warnings[0] and "m-0123456789abcdef" in warnings[0]
+
+    with mlflow.start_run() as training:
+        model = mlflow.initialize_logged_model(name="cnn", source_run_id=training.info.run_id)
+    assert attach_test_metrics(results, {"cnn": model.model_id}) == []
+    logged = mlflow.get_logged_model(model.model_id)
+    assert {metric.key: metric.value for metric in logged.metrics} == {"test_accuracy": 0.9}
+    assert mlflow.get_run(training.info.run_id).data.metrics == {"test_accuracy": 0.9}
