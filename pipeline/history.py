@@ -15,8 +15,14 @@ from pipeline.files import atomic_file
 
 
 def summarize_history(history: dict[str, list[float]]) -> dict[str, float | int]:
-    """The best epoch (lowest validation loss, the one early stopping restores) and its scores."""
-    best = int(np.argmin(history["val_loss"]))
+    """The best epoch (lowest validation loss, the one early stopping restores) and its scores.
+
+    Epochs whose loss is NaN (a diverging run) are never the best, as for early stopping.
+    """
+    val_loss = np.asarray(history["val_loss"], dtype=float)
+    if np.isnan(val_loss).all():
+        raise ValueError("the validation loss was NaN in every epoch: training diverged")
+    best = int(np.nanargmin(val_loss))
     summary: dict[str, float | int] = {
         "epochs_run": len(history["val_loss"]),
         "best_epoch": best + 1,

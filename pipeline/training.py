@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping
 from importlib.metadata import version
 from pathlib import Path
@@ -58,7 +59,13 @@ def fit(
         shuffle=False,  # the datasets shuffle themselves; Keras warns it cannot shuffle them
         verbose=2,
     )
-    return {name: [float(v) for v in values] for name, values in history.history.items()}
+    result = {name: [float(v) for v in values] for name, values in history.history.items()}
+    if np.isnan(result["val_loss"]).all():
+        sys.exit(
+            f"{model.name}: the validation loss was NaN in every epoch, so training diverged "
+            "and there is no model to keep; lower the learning rate in params.yaml"
+        )
+    return result
 
 
 def save_training_outputs(

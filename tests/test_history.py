@@ -3,6 +3,8 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
+import pytest
+
 from pipeline.history import summarize_history, write_history
 
 HISTORY = {
@@ -30,3 +32,12 @@ def test_history_csv_has_one_row_per_epoch_in_column_order(tmp_path: Path) -> No
 def test_an_empty_history_is_a_header_only_csv(tmp_path: Path) -> None:
     write_history(tmp_path / "history.csv", {})
     assert (tmp_path / "history.csv").read_text().splitlines() == ["epoch"]
+
+
+def test_a_nan_epoch_is_never_the_best_and_all_nan_is_an_error() -> None:
+    nan = float("nan")
+    diverged_later = {"loss": [0.9, 0.5, nan], "val_loss": [0.8, 0.6, nan]}
+    assert summarize_history(diverged_later)["best_epoch"] == 2
+    assert summarize_history({"val_loss": [nan, 0.7, 0.9]})["best_epoch"] == 2
+    with pytest.raises(ValueError, match="diverged"):
+        summarize_history({"val_loss": [nan, nan]})

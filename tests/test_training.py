@@ -68,6 +68,17 @@ def test_fit_keeps_the_best_epochs_weights_not_the_last(tmp_path: Path) -> None:
     assert loss == pytest.approx(history["val_loss"][best], rel=1e-4)
 
 
+def test_fit_exits_with_a_message_when_every_epoch_diverged() -> None:
+    labels = np.repeat([0, 1], 8).astype(np.int8)
+    cfg = tiny_config().head.model_copy(update={"units": 4, "epochs": 2, "patience": 5})
+    model = build_head(4, cfg)
+    output = model.layers[-1]  # NaN weights: NaN outputs and loss from the first step on
+    output.set_weights([np.full_like(w, np.nan) for w in output.get_weights()])
+    data = feature_dataset(np.ones((16, 4), dtype="float32"), labels, 8)
+    with pytest.raises(SystemExit, match=r"diverged.*lower the learning rate"):
+        fit(model, data, data, cfg, log_to_mlflow=False)
+
+
 def test_feature_batches_are_float32_rows_with_their_labels_in_shuffled_order() -> None:
     # Row i holds i in every column and the label i, stored as float16 as on disk.
     rows = np.repeat(np.arange(20, dtype=np.float16)[:, None], 3, axis=1)
