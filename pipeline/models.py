@@ -21,6 +21,7 @@ from pipeline.config import (
     OptimizerMixin,
     TrainCnnConfig,
 )
+from pipeline.files import project_root
 
 
 class WeightsUnavailableError(RuntimeError):
@@ -140,6 +141,10 @@ def resolve_weights(weights: str) -> str | None:
     if weights == "imagenet":
         return "imagenet"
     path = Path(weights).expanduser()
+    # Relative to the user's repository, also when DVC runs the stage in a temporary copy
+    # (a queued experiment), where an untracked weights file is not copied; as download's
+    # local_path.
+    path = path if path.is_absolute() else project_root() / path
     if not path.is_file():
         raise WeightsUnavailableError(f"features.weights points to {path}, which does not exist.")
     return str(path)

@@ -16,6 +16,7 @@ from pipeline.models import (
     compose_transfer,
     for_inference,
     make_optimizer,
+    resolve_weights,
 )
 from tests.conftest import tiny_config
 
@@ -187,6 +188,20 @@ def test_missing_weights_file_is_a_clear_error(tmp_path: Path) -> None:
     cfg = FEATURES.model_copy(update={"weights": str(tmp_path / "vgg16.h5")})
     with pytest.raises(WeightsUnavailableError, match="does not exist"):
         build_backbone(cfg)
+
+
+def test_a_relative_weights_path_is_the_repositorys_also_from_a_dvc_temp_copy(
+    tmp_path: Path, monkeypatch
+) -> None:
+    repository = tmp_path / "repo"
+    (repository / "weights").mkdir(parents=True)
+    (repository / "weights/vgg16.h5").write_bytes(b"weights")
+    temp_copy = repository / ".dvc/tmp/exps/tmpabc"  # where a queued experiment runs
+    temp_copy.mkdir(parents=True)
+    monkeypatch.chdir(temp_copy)
+    monkeypatch.setenv("DVC_ROOT", str(repository))
+    assert resolve_weights("weights/vgg16.h5") == str(repository / "weights/vgg16.h5")
+    assert resolve_weights("none") is None and resolve_weights("imagenet") == "imagenet"
 
 
 def test_efficientnet_weights_from_a_path_are_refused_with_the_way_that_works(tmp_path) -> None:
