@@ -147,16 +147,18 @@ UNKNOWN_PROBABILITY = 0.5
 def submission_rows(
     files: list[Path], probs: np.ndarray, unreadable: list[Path]
 ) -> list[tuple[int, float]]:
-    """`(id, P(dog))` sorted by id, where the id is the number in `test1/N.jpg`."""
+    """`(id, P(dog))` sorted by id, where the id is the number in `test1/N.jpg`; one row per
+    id, also for a file given twice (on its own and in its folder): Kaggle refuses repeats."""
     rows = [(path, float(prob)) for path, prob in zip(files, probs, strict=True)]
     rows += [(path, UNKNOWN_PROBABILITY) for path in unreadable]
-    by_id: dict[int, Path] = {}
-    for path, _ in rows:
+    by_id: dict[int, tuple[Path, float]] = {}
+    for path, prob in rows:
         if not re.fullmatch(r"[1-9][0-9]*", path.stem):
             sys.exit(f"predict: {path} is not named like Kaggle's test images (test1/N.jpg)")
-        if (clash := by_id.setdefault(int(path.stem), path)) != path:
+        clash, _ = by_id.setdefault(int(path.stem), (path, prob))
+        if clash.resolve() != path.resolve():
             sys.exit(f"predict: {clash} and {path} both claim id {path.stem}")
-    return sorted((int(path.stem), prob) for path, prob in rows)
+    return sorted((image_id, prob) for image_id, (_, prob) in by_id.items())
 
 
 def write_submission(out, rows: list[tuple[int, float]]) -> None:

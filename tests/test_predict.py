@@ -59,7 +59,9 @@ def test_kaggle_submission_has_every_id_in_order(tmp_path, model_path):
     (test1 / "3.jpg").write_bytes(b"")  # unreadable, still needs a row
     out = tmp_path / "submission.csv"
 
-    main(["--model", str(model_path), str(test1), "--kaggle-submission", "--out", str(out)])
+    again = [str(test1 / "2.jpg"), str(test1 / "3.jpg")]  # given twice: one row each still
+    args = ["--model", str(model_path), str(test1), *again, "--kaggle-submission"]
+    main([*args, "--out", str(out)])
 
     rows = list(csv.reader(out.open()))
     assert rows[0] == ["id", "label"]
