@@ -21,7 +21,7 @@ import tensorflow as tf
 from pipeline import plots, process, tracking
 from pipeline.config import AugmentConfig, load_config_or_exit
 from pipeline.datasets import image_dataset
-from pipeline.files import atomic_dir, atomic_file, write_json
+from pipeline.files import atomic_dir, atomic_files, write_json
 from pipeline.images import CLASS_NAMES, LabeledImage, list_split
 
 BATCH_SIZE = 64
@@ -116,16 +116,18 @@ def main() -> None:
     seed = cfg.common.seed
     with tracking.stage_run("augment", cfg, "common", "augment"):
         keras.utils.set_random_seed(seed)
-        with atomic_dir(cfg.paths.augmented) as staging:
+        # The variants and their reports replace the previous ones together, or none does.
+        with (
+            atomic_dir(cfg.paths.augmented) as staging,
+            atomic_files(reports / "preview.png", reports / "summary.json") as staged_reports,
+        ):
             written = write_variants(train, cfg.augment, seed, staging)
-        grid = preview(train, cfg.augment, seed)
-        with atomic_file(reports / "preview.png") as staging:
-            plots.image_grid(
-                grid, ["original"] + [f"variant {v + 1}" for v in range(PREVIEW_VARIANTS)]
-            ).savefig(staging)
-        write_json(
-            reports / "summary.json", {"source_images": len(train), "variants_written": written}
-        )
+            grid = preview(train, cfg.augment, seed)
+            preview_staging, summary_staging = staged_reports
+            titles = ["original"] + [f"variant {v + 1}" for v in range(PREVIEW_VARIANTS)]
+            plots.image_grid(grid, titles).savefig(preview_staging)
+            summary = {"source_images": len(train), "variants_written": written}
+            write_json(summary_staging, summary)
         mlflow.log_metrics({"source_images": len(train), "variants_written": written})
         mlflow.log_artifacts(str(reports), artifact_path="reports")
     print(

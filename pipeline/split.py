@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from pipeline import process, tracking
 from pipeline.config import SplitConfig, load_config_or_exit
-from pipeline.files import atomic_dir, atomic_file, write_json
+from pipeline.files import atomic_dir, atomic_file, atomic_files, write_json
 from pipeline.images import (
     CLASS_NAMES,
     LabeledImage,
@@ -172,12 +172,17 @@ def main() -> None:
             splits = split_files(usable, cfg.split, cfg.common.seed)
         except ValueError as error:
             sys.exit(f"split: {error}")
-        with atomic_dir(cfg.paths.split) as staging:
-            write_split(splits, reencode, staging)
         summary = summarize(splits, len(skipped), len(reencode))
         summary["unlabeled"] = len(unlabeled)
-        write_json(reports / "summary.json", summary)
-        write_skipped(reports / "skipped.csv", skipped, cfg.paths.raw)
+        # The split and its reports replace the previous ones together, or none of them does.
+        with (
+            atomic_dir(cfg.paths.split) as staging,
+            atomic_files(reports / "summary.json", reports / "skipped.csv") as staged_reports,
+        ):
+            write_split(splits, reencode, staging)
+            summary_staging, skipped_staging = staged_reports
+            write_json(summary_staging, summary)
+            write_skipped(skipped_staging, skipped, cfg.paths.raw)
         mlflow.log_metrics(
             {
                 "images_total": summary["total"],

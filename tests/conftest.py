@@ -69,6 +69,11 @@ def write_petimages_tree(root: Path, per_class: int) -> list[Path]:
     return paths
 
 
+def snapshot(*folders: Path) -> dict[Path, bytes]:
+    """Every file under `folders` with its bytes: what a failed stage must leave unchanged."""
+    return {path: path.read_bytes() for f in folders for path in f.rglob("*") if path.is_file()}
+
+
 def zip_tree(root: Path, archive: Path) -> Path:
     with zipfile.ZipFile(archive, "w") as zf:
         for path in sorted(root.rglob("*")):

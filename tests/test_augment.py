@@ -9,7 +9,7 @@ from PIL import Image
 from pipeline.augment import augment_batch, derive_seed, preview, write_variants
 from pipeline.config import AugmentConfig
 from pipeline.images import list_split
-from tests.conftest import write_kaggle_tree
+from tests.conftest import set_params, snapshot, write_kaggle_tree
 
 CFG = AugmentConfig(
     variants=2,
@@ -73,3 +73,27 @@ def test_variants_are_written_per_class_and_reproducible(tmp_path: Path) -> None
         assert (red > blue) == (folder == "cats"), name
     grid = preview(images, CFG, 42)
     assert grid.shape[1:] == (6, 32, 32, 3)
+
+
+def test_a_failure_before_the_preview_is_drawn_keeps_the_previous_variants_whole(
+    stage_workspace: Path, monkeypatch
+) -> None:
+    from pipeline import augment
+
+    for name in ("cats", "dogs"):
+        (stage_workspace / "data/split/train" / name).mkdir(parents=True)
+    for path in write_kaggle_tree(stage_workspace / "kaggle", per_class=3):
+        name = "cats" if path.name.startswith("cat") else "dogs"
+        path.rename(stage_workspace / "data/split/train" / name / path.name)
+    augment.main()
+    outputs = (stage_workspace / "data/augmented", stage_workspace / "reports/augment")
+    before = snapshot(*outputs)
+
+    def fail(*_args):
+        raise RuntimeError("no display")
+
+    set_params(stage_workspace, "common", seed=7)  # other variants if it went through
+    monkeypatch.setattr(augment.plots, "image_grid", fail)
+    with pytest.raises(RuntimeError, match="no display"):
+        augment.main()
+    assert snapshot(*outputs) == before

@@ -10,7 +10,7 @@ import pytest
 from pipeline.config import SplitConfig
 from pipeline.images import LabeledImage, list_split
 from pipeline.split import check_images, link_or_copy, split_files, summarize, write_split
-from tests.conftest import write_kaggle_tree
+from tests.conftest import set_params, snapshot, write_kaggle_tree
 
 
 def fake_images(cats: int, dogs: int) -> list[LabeledImage]:
@@ -221,3 +221,23 @@ def test_bad_images_in_real_looking_data_are_reported_and_raw_stays_intact(
         filter_string="tags.`pipeline.stage` = 'split'",
     )[0]
     assert run.data.metrics["images_skipped"] == 5
+
+
+def test_a_failure_before_the_reports_are_written_keeps_the_previous_split_whole(
+    stage_workspace: Path, monkeypatch
+) -> None:
+    from pipeline import split
+
+    write_kaggle_tree(stage_workspace / "data/raw", per_class=8)
+    split.main()
+    outputs = (stage_workspace / "data/split", stage_workspace / "reports/split")
+    before = snapshot(*outputs)
+
+    def fail(*_args):
+        raise OSError("disk full")
+
+    set_params(stage_workspace, "common", seed=7)  # a different split if it went through
+    monkeypatch.setattr(split, "write_skipped", fail)
+    with pytest.raises(OSError, match="disk full"):
+        split.main()
+    assert snapshot(*outputs) == before
