@@ -41,7 +41,8 @@ from bench.common import (
     timed,
 )
 
-DATA_PARTS = ("data/raw", "data/split", "data/augmented", "data/features", "models", "reports")
+IMAGE_PARTS = ("data/raw", "data/split", "data/augmented")
+DATA_PARTS = (*IMAGE_PARTS, "data/features", "data/augmented_features", "models", "reports")
 # Not DVC's, but written by every run: the MLflow store, its artifacts (models again).
 TRACKING_PARTS = ("mlartifacts", "mlflow.db")
 CACHE = ".dvc/cache"
@@ -231,8 +232,8 @@ def main(argv: Sequence[str] | None = None) -> Path:
     def on_disk(*parts: str) -> int:
         return sum(first["usage"].get(part, {}).get("on_disk", 0) for part in parts)
 
-    data_and_cache = on_disk(*DATA_PARTS[:4], CACHE)
-    images_only = on_disk(*DATA_PARTS[:3])
+    data_and_cache = on_disk(*(part for part in DATA_PARTS if part.startswith("data/")), CACHE)
+    images_only = on_disk(*IMAGE_PARTS)
     report.results["data_and_cache_to_archive"] = ratio(data_and_cache, archive_bytes)
     report.results["images_to_archive"] = ratio(images_only, archive_bytes)
     if rest:

@@ -75,6 +75,7 @@ class PathsConfig(Section):
     split: Path
     augmented: Path
     features: Path
+    augmented_features: Path
     models: ModelPaths
     reports: ReportPaths
 

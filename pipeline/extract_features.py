@@ -2,7 +2,9 @@
 
 Writes `<paths.features>/<split>.npz` with `features`, `labels` and `files` side by side,
 and the backbone itself to `models/backbone.keras`, so the end-to-end model uses exactly
-the weights the features came from (also with `weights: none`).
+the weights the features came from (also with `weights: none`). The augmented variants'
+features, when the head uses them, come from the next stage, `extract_augmented_features`,
+so that an edit to the augmentation does not re-run this one.
 """
 
 from __future__ import annotations
@@ -23,16 +25,6 @@ from pipeline.datasets import image_dataset, left_out_of_last_batch
 from pipeline.files import atomic_dir, atomic_file, write_json
 from pipeline.images import SPLITS, LabeledImage, list_split
 from pipeline.models import WeightsUnavailableError, build_backbone, for_inference
-
-
-def images_to_extract(
-    split_root: Path, augmented_root: Path, include_augmented: bool
-) -> dict[str, list[LabeledImage]]:
-    images = {split: list_split(split_root / split) for split in SPLITS}
-    if include_augmented:
-        images["train"] += list_split(augmented_root / "train")
-    return images
-
 
 # Images per `predict` call: bounds the features held in memory (32 MiB of VGG16's at 150x150)
 # while the rest stream to disk.
@@ -133,7 +125,7 @@ def main() -> None:
     cfg = load_config_or_exit()
     plan, strategy = devices.configure_or_exit(cfg.compute)
     params, paths = cfg.features, cfg.paths
-    images = images_to_extract(paths.split, paths.augmented, params.include_augmented)
+    images = {split: list_split(paths.split / split) for split in SPLITS}
     if not all(images.values()):
         sys.exit("extract_features: a split is empty; run the split stage first")
     sections = ("common", "compute", "features")

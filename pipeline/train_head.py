@@ -18,6 +18,7 @@ import tensorflow as tf
 from pipeline import devices, process, tracking
 from pipeline.config import load_config_or_exit
 from pipeline.datasets import splittable_over_replicas
+from pipeline.extract_augmented_features import FEATURES_FILE as AUGMENTED_FEATURES_FILE
 from pipeline.extract_features import load_features
 from pipeline.images import LabeledImage
 from pipeline.models import build_head, compose_transfer, for_inference
@@ -57,6 +58,19 @@ def feature_dataset(
     )
 
 
+def load_training_features(
+    features: Path, augmented_features: Path
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The train split's `(features, labels, files)` as stored, followed by the augmented
+    variants' when `extract_augmented_features` wrote them (`features.include_augmented`)."""
+    parts = [load_features(features / "train.npz", dtype=None)]
+    if (augmented := augmented_features / AUGMENTED_FEATURES_FILE).is_file():
+        parts.append(load_features(augmented, dtype=None))
+    if len(parts) == 1:
+        return parts[0]
+    return tuple(np.concatenate(arrays) for arrays in zip(*parts, strict=True))
+
+
 def as_images(files: np.ndarray, labels: np.ndarray) -> list[LabeledImage]:
     return [LabeledImage(Path(str(f)), int(y)) for f, y in zip(files, labels, strict=True)]
 
@@ -66,7 +80,9 @@ def main() -> None:
     plan, strategy = devices.configure_or_exit(cfg.compute, cpu_bfloat16_pays=False)
     params, paths, seed = cfg.head, cfg.paths, cfg.common.seed
     try:
-        train_x, train_y, train_files = load_features(paths.features / "train.npz", dtype=None)
+        train_x, train_y, train_files = load_training_features(
+            paths.features, paths.augmented_features
+        )
         val_x, val_y, val_files = load_features(paths.features / "validation.npz", dtype=None)
     except FileNotFoundError as error:
         sys.exit(f"train_head: {error.filename} is missing; run the extract_features stage first")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import subprocess
+import sys
 import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -67,6 +69,26 @@ def write_petimages_tree(root: Path, per_class: int) -> list[Path]:
             path.write_bytes(jpeg_bytes(photo(label, seed=label * 10_000 + n)))
             paths.append(path)
     return paths
+
+
+def run_stage_without_tensorflow(stage: str, workspace: Path) -> str:
+    """Runs `python -m pipeline.<stage>` in `workspace`, in a fresh interpreter so that
+    `sys.modules` tells what the stage itself imported; asserts it succeeded without importing
+    TensorFlow, and returns what it printed."""
+    code = (
+        f"import runpy, sys; runpy.run_module('pipeline.{stage}', run_name='__main__'); "
+        "sys.exit('tensorflow' in sys.modules)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=workspace,
+        env={"PYTHONPATH": str(REPO_ROOT), "PATH": ""},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr or "it imported TensorFlow"
+    return result.stdout
 
 
 def snapshot(*folders: Path) -> dict[Path, bytes]:

@@ -1,8 +1,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import keras
@@ -16,7 +14,7 @@ from pipeline.models import (
     in_current_precision,
     unfreeze_top,
 )
-from tests.conftest import REPO_ROOT, dtype_policies, set_params, tiny_config
+from tests.conftest import dtype_policies, run_stage_without_tensorflow, set_params, tiny_config
 
 FEATURES = tiny_config().features
 HEAD = tiny_config().head.model_copy(update={"units": 4})
@@ -63,21 +61,7 @@ def test_a_disabled_stage_hands_on_the_transfer_model_without_importing_tensorfl
     transfer = stage_workspace / "models" / "transfer.keras"
     transfer.parent.mkdir()
     transfer.write_bytes(b"stands for a saved Keras model")
-    # A fresh interpreter, so sys.modules tells what the stage itself imported.
-    code = (
-        "import runpy, sys; runpy.run_module('pipeline.finetune', run_name='__main__'); "
-        "sys.exit('tensorflow' in sys.modules)"
-    )
-    result = subprocess.run(
-        [sys.executable, "-c", code],
-        cwd=stage_workspace,
-        env={"PYTHONPATH": str(REPO_ROOT), "PATH": ""},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode == 0, result.stderr
-    assert "finetune: disabled" in result.stdout
+    assert "finetune: disabled" in run_stage_without_tensorflow("finetune", stage_workspace)
     finetuned = stage_workspace / "models" / "finetuned.keras"
     assert finetuned.read_bytes() == transfer.read_bytes()
     reports = stage_workspace / "reports" / "finetune"

@@ -20,6 +20,7 @@ STAGES = (
     "augment",
     "train_cnn",
     "extract_features",
+    "extract_augmented_features",
     "train_head",
     "finetune",
     "evaluate",
@@ -63,7 +64,9 @@ def test_repro_runs_every_stage_and_logs_each_to_mlflow(tiny_pipeline: PipelineC
     assert len(parents) == 1
     parent = parents[0]
     children = child_runs(client, experiment.experiment_id, parent.info.run_id)
-    assert sorted(run.data.tags["pipeline.stage"] for run in children) == sorted(STAGES)
+    # Every stage but the augmented features' one, off here (features.include_augmented).
+    logged = sorted(set(STAGES) - {"extract_augmented_features"})
+    assert sorted(run.data.tags["pipeline.stage"] for run in children) == logged
     by_stage = {run.data.tags["pipeline.stage"]: run for run in children}
     assert by_stage["train_head"].data.params["head.learning_rate"] == "0.0001"
     assert "val_loss" in by_stage["train_cnn"].data.metrics
@@ -104,6 +107,23 @@ def test_changing_a_head_param_reruns_only_what_depends_on_the_head(
 
     assert stages_run(tiny_pipeline.dvc("repro")) == []  # nothing changed: nothing runs
     assert len(client.search_runs([experiment.experiment_id])) == len(before) + len(new_runs)
+
+
+def test_changing_the_augmentation_retrains_the_cnn_but_extracts_no_features_again(
+    tiny_pipeline: PipelineCopy,
+) -> None:
+    root = tiny_pipeline.root
+    kept = [root / "data/features/train.npz", root / "models/backbone.keras"]
+    kept += [root / "models/head.keras", root / "data/augmented_features/disabled.json"]
+    before = {path: path.read_bytes() for path in kept}
+
+    tiny_pipeline.set_param("augment", "rotation", 0.05)
+    ran = stages_run(tiny_pipeline.dvc("repro"))
+
+    # finetune reads the augmented images too (finetune.use_augmented).
+    expected = {"augment", "train_cnn", "extract_augmented_features", "finetune", "evaluate"}
+    assert set(ran) == expected | {"explain"}
+    assert {path: path.read_bytes() for path in kept} == before
 
 
 def test_a_failed_stage_leaves_the_previous_outputs_in_place(tiny_pipeline: PipelineCopy) -> None:
