@@ -67,7 +67,12 @@ def test_unknown_layouts_are_refused_with_the_expected_ones(tmp_path: Path) -> N
 
 
 def test_relative_local_path_resolves_against_the_repository(tmp_path, monkeypatch, kaggle_zip):
-    monkeypatch.chdir(kaggle_zip.parent)
+    # DVC runs a queued experiment's stages in a copy under .dvc/tmp/exps, where the
+    # user's untracked archive is not: the path is the repository's, not the current folder's.
+    temp_copy = kaggle_zip.parent / ".dvc/tmp/exps/tmpabc"
+    temp_copy.mkdir(parents=True)
+    monkeypatch.chdir(temp_copy)
+    monkeypatch.setenv("DVC_ROOT", str(kaggle_zip.parent))
     cfg = DownloadConfig(
         source="local",
         local_path=Path(kaggle_zip.name),
