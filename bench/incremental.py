@@ -292,6 +292,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
             overrides=None if which_params == "tests" else {"features": {"weights": "none"}},
             tiny=which_params == "tests",
         )
+        copy.timeout_s = None  # at Kaggle's size (--copies 25) a run takes most of an hour
         params = yaml.safe_load((workdir / "params.yaml").read_text())
         edits = planned_edits(params, cnn_edit=not args.no_cnn_edit)
         seen: set[str] = set()

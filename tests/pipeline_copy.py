@@ -68,6 +68,8 @@ class PipelineCopy:
     root: Path
     env: dict[str, str] = field(default_factory=dict)
     first_repro_output: str = ""
+    # A guard for the tests' tiny runs; a benchmark at full size may take hours (None).
+    timeout_s: float | None = 900
 
     @classmethod
     def create(
@@ -103,7 +105,12 @@ class PipelineCopy:
 
     def run(self, *command: str, check: bool = True) -> str:
         result = subprocess.run(
-            command, cwd=self.root, env=self.env, capture_output=True, text=True, timeout=900
+            command,
+            cwd=self.root,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=self.timeout_s,
         )
         output = result.stdout + result.stderr
         if check and result.returncode != 0:
