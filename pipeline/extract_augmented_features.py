@@ -56,7 +56,8 @@ def extract_augmented(cfg: Config) -> None:
     with strategy.scope():
         backbone = in_current_precision(saved)
     batched = params.model_copy(update={"batch_size": plan.global_batch_size(params.batch_size)})
-    with tracking.stage_run("extract_augmented_features", cfg, "compute", "features"):
+    sections = ("compute", "features")
+    with tracking.stage_run("extract_augmented_features", cfg, *sections, system_metrics=True):
         mlflow.log_params(plan.params(params.batch_size))
         tracking.log_image_inputs(images, "augmented", "extraction")
         print(f"extract_augmented_features: {len(images)} augmented images")
