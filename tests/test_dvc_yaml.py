@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import re
 
 import yaml
 
@@ -47,3 +48,25 @@ def test_every_stage_depends_on_the_pipeline_modules_it_imports() -> None:
         assert not missing, f"stage {name} imports {sorted(missing)} but does not depend on them"
         checked += 1
     assert checked == len(stages) >= 9
+
+
+def test_a_stage_that_reads_named_splits_depends_on_those_folders_only() -> None:
+    """`paths.split / "test"` in a stage's module: it depends on `${paths.split}/test`, not on
+    the whole split, which DVC would check file by file on every repro for nothing."""
+    stages = yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text())["stages"]
+    narrowed = 0
+    for name, stage in stages.items():
+        module = stage["cmd"].removeprefix("python -m ").replace(".", "/") + ".py"
+        source = (REPO_ROOT / module).read_text()
+        named = set(re.findall(r'split(?:_root)? / "(\w+)"', source))
+        deps = stage["deps"]
+        folders = {
+            d.removeprefix("${paths.split}/") for d in deps if d.startswith("${paths.split}/")
+        }
+        if named:
+            assert "${paths.split}" not in deps, f"{name} reads {sorted(named)} only"
+            assert folders == named, f"{name} reads {sorted(named)}, depends on {sorted(folders)}"
+            narrowed += 1
+        else:
+            assert not folders, f"{name} depends on {sorted(folders)} but names no split"
+    assert narrowed == 5  # augment, train_cnn, finetune, evaluate, explain
