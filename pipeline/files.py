@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import secrets
 import shutil
 from collections.abc import Iterator
@@ -43,17 +44,39 @@ def project_root(cwd: Path | None = None) -> Path:
     )
 
 
+STAGING_TOKEN_BYTES = 6
+
+
 def _staging_path(target: Path, suffix: str) -> Path:
     # Not tempfile.mkstemp/mkdtemp: they create owner-only entries (0600/0700), and outputs
     # should get the user's umask like any other new file, so teammates and containers can
     # read them. A random name in the target's folder keeps the final rename atomic.
-    return target.with_name(f".{target.stem}.{secrets.token_hex(6)}{suffix}")
+    token = secrets.token_hex(STAGING_TOKEN_BYTES)
+    return target.with_name(f".{target.stem}.{token}{suffix}")
+
+
+def _remove_abandoned_staging(target: Path, suffix: str) -> None:
+    """Staging entries of `target` that a killed run left behind (SIGKILL, out of memory):
+    nothing else removes them, and an extraction's are gigabytes. Only names `_staging_path`
+    makes for this target and suffix match; a stage never stages one target twice at once."""
+    pattern = re.compile(
+        rf"\.{re.escape(target.stem)}\.[0-9a-f]{{{2 * STAGING_TOKEN_BYTES}}}{re.escape(suffix)}"
+    )
+    if not target.parent.is_dir():
+        return
+    for entry in target.parent.iterdir():
+        if pattern.fullmatch(entry.name):
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager
 def atomic_dir(target: Path) -> Iterator[Path]:
     """Yields an empty staging folder that replaces `target` only if the block succeeds."""
     target.parent.mkdir(parents=True, exist_ok=True)
+    _remove_abandoned_staging(target, ".tmp")
     staging = _staging_path(target, ".tmp")
     staging.mkdir()
     try:
@@ -74,6 +97,7 @@ def atomic_file(target: Path) -> Iterator[Path]:
     """Yields a temporary path in `target`'s folder; it becomes `target` if the block succeeds."""
     target.parent.mkdir(parents=True, exist_ok=True)
     # The staging name keeps the suffix: Keras and NumPy pick the format from it.
+    _remove_abandoned_staging(target, f".tmp{target.suffix}")
     staging = _staging_path(target, f".tmp{target.suffix}")
     staging.touch(exist_ok=False)
     try:

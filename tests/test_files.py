@@ -54,6 +54,37 @@ def test_atomic_files_replace_all_their_targets_or_none(tmp_path: Path) -> None:
     assert (head.read_text(), transfer.read_text()) == ("new head", "new transfer")
 
 
+def test_staging_a_killed_run_left_behind_goes_and_nothing_else(tmp_path: Path) -> None:
+    abandoned_dir = tmp_path / ".features.0123456789ab.tmp"  # as atomic_dir names them
+    (abandoned_dir / "train.npz").parent.mkdir()
+    (abandoned_dir / "train.npz").write_bytes(b"half written")
+    abandoned_file = tmp_path / ".history.0123456789ab.tmp.csv"
+    abandoned_file.write_text("half written")
+    kept = [
+        tmp_path / ".history.0123456789ab.tmp.png",  # another target's staging: same stem
+        tmp_path / ".features.old",
+        tmp_path / ".features.notahexname.tmp",
+        tmp_path / "history.csv",
+    ]
+    for path in kept:
+        path.write_text("someone else's")
+    with atomic_dir(tmp_path / "features") as staging:
+        (staging / "train.npz").write_bytes(b"complete")
+    with atomic_file(tmp_path / "history.csv") as staging:
+        staging.write_text("complete")
+    names = {path.name for path in tmp_path.iterdir()}
+    assert names == {"features", *(path.name for path in kept)}
+    assert (tmp_path / "history.csv").read_text() == "complete"
+
+
+def test_atomic_files_of_one_stem_do_not_remove_each_others_staging(tmp_path: Path) -> None:
+    csv, png = tmp_path / "history.csv", tmp_path / "history.png"
+    with atomic_files(csv, png) as (staged_csv, staged_png):
+        staged_csv.write_text("rows")
+        staged_png.write_bytes(b"figure")
+    assert (csv.read_text(), png.read_bytes()) == ("rows", b"figure")
+
+
 def test_outputs_get_the_permissions_of_any_new_file_not_owner_only(tmp_path: Path) -> None:
     previous_umask = os.umask(0o022)
     try:
