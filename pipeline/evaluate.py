@@ -26,7 +26,7 @@ from pipeline import plots, process, tracking
 from pipeline.config import load_config_or_exit
 from pipeline.datasets import image_dataset
 from pipeline.extract_features import load_features
-from pipeline.files import atomic_files
+from pipeline.files import atomic_files, write_json
 from pipeline.images import CLASS_NAMES, LabeledImage, list_split
 
 METRIC_NAMES = ("accuracy", "precision", "recall", "f1", "roc_auc", "log_loss")
@@ -256,8 +256,7 @@ def write_reports(
         plots.precision_recall_curves(precision_recall).savefig(out["precision_recall.png"])
         plots.calibration(calibrations).savefig(out["calibration.png"])
         out["comparison.md"].write_text(comparison_table(results))
-        metrics = {**results, **(ids or {})}
-        out["metrics.json"].write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+        write_json(out["metrics.json"], {**results, **(ids or {})})
     return results, list(targets.values())
 
 
