@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 
 from pipeline.config import Config, load_config
+from pipeline.images import LabeledImage, list_split
 
 if TYPE_CHECKING:
     import keras  # imported where used: most tests need no TensorFlow
@@ -56,6 +57,15 @@ def write_kaggle_tree(
             path.write_bytes(jpeg_bytes(photo(label, seed=label * 10_000 + n, size=size)))
             paths.append(path)
     return paths
+
+
+def write_split_folder(root: Path, per_class: int) -> list[LabeledImage]:
+    """`root/{cats,dogs}/N.jpg`, the layout of the split and augment stages' outputs."""
+    for label, name in enumerate(("cats", "dogs")):
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for n in range(per_class):
+            (root / name / f"{n}.jpg").write_bytes(jpeg_bytes(photo(label, seed=100 * label + n)))
+    return list_split(root)
 
 
 def write_petimages_tree(root: Path, per_class: int) -> list[Path]:

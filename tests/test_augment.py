@@ -9,7 +9,7 @@ from PIL import Image
 from pipeline.augment import augment_batch, derive_seed, preview, write_variants
 from pipeline.config import AugmentConfig
 from pipeline.images import list_split
-from tests.conftest import set_params, snapshot, write_kaggle_tree
+from tests.conftest import set_params, snapshot, write_kaggle_tree, write_split_folder
 
 CFG = AugmentConfig(
     variants=2,
@@ -80,11 +80,7 @@ def test_a_failure_before_the_preview_is_drawn_keeps_the_previous_variants_whole
 ) -> None:
     from pipeline import augment
 
-    for name in ("cats", "dogs"):
-        (stage_workspace / "data/split/train" / name).mkdir(parents=True)
-    for path in write_kaggle_tree(stage_workspace / "kaggle", per_class=3):
-        name = "cats" if path.name.startswith("cat") else "dogs"
-        path.rename(stage_workspace / "data/split/train" / name / path.name)
+    write_split_folder(stage_workspace / "data/split/train", per_class=3)
     augment.main()
     outputs = (stage_workspace / "data/augmented", stage_workspace / "reports/augment")
     before = snapshot(*outputs)

@@ -9,24 +9,14 @@ import pytest
 
 from pipeline import extract_augmented_features
 from pipeline.extract_features import extract, load_features, save_features
-from pipeline.images import LabeledImage, list_split
+from pipeline.images import LabeledImage
 from pipeline.train_head import load_training_features
 from tests.conftest import (
-    jpeg_bytes,
-    photo,
     run_stage_without_tensorflow,
     set_params,
     tiny_config,
+    write_split_folder,
 )
-
-
-def write_split_folder(root: Path, per_class: int) -> list[LabeledImage]:
-    """`root/{cats,dogs}/N.jpg`, the layout of the split and augment stages' outputs."""
-    for label, name in enumerate(("cats", "dogs")):
-        (root / name).mkdir(parents=True, exist_ok=True)
-        for n in range(per_class):
-            (root / name / f"{n}.jpg").write_bytes(jpeg_bytes(photo(label, seed=100 * label + n)))
-    return list_split(root)
 
 
 def test_off_it_writes_the_same_marker_each_time_without_importing_tensorflow(
