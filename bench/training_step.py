@@ -161,7 +161,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
     for name, (variant, jit, keras_adam) in variants.items():
         steps[name] = max(1, per_run // variant.batch_size)
         per_call = base.compute.steps_per_execution
-        model = build_cnn(variant, per_call)
+        model = build_cnn(variant, steps_per_execution=per_call)
         if jit or keras_adam:
             optimizer = keras.optimizers.Adam(variant.learning_rate) if keras_adam else None
             compile_binary(model, variant, optimizer, jit or "auto", per_call)

@@ -153,22 +153,57 @@ class OptimizerMixin(Section):
     patience: Annotated[int, Field(ge=0)]
 
 
+class RandomAugmentConfig(Section):
+    """Transforms drawn afresh for every image in every epoch, by Keras layers in the model."""
+
+    horizontal_flip: bool
+    rotation: Annotated[float, Field(ge=0, le=0.5)]  # fraction of a full turn
+    zoom: Annotated[float, Field(ge=0, lt=1)]
+    shift: Annotated[float, Field(ge=0, lt=1)]
+
+
 class TrainCnnConfig(OptimizerMixin):
+    optimizer: Literal["adamw", "adam", "sgd", "rmsprop"]
     image_size: ImageSize
-    conv_filters: Annotated[list[PositiveInt], Field(min_length=1, max_length=6)]
+    stem_filters: Annotated[int, Field(ge=0)]
+    block_filters: Annotated[list[PositiveInt], Field(min_length=1, max_length=6)]
+    convs_per_block: Annotated[int, Field(ge=1, le=4)]
+    residual: bool
+    separable: bool
+    batch_norm: bool
+    top_filters: Annotated[int, Field(ge=0)]
+    pooling: Literal["flatten", "average"]
     dense_units: list[PositiveInt]
     dropout: Annotated[float, Field(ge=0, lt=1)]
-    batch_norm: bool
+    weight_decay: Annotated[float, Field(ge=0, lt=1)]
+    schedule: Literal["constant", "cosine"]
+    warmup_epochs: Annotated[int, Field(ge=0)]
+    label_smoothing: Annotated[float, Field(ge=0, lt=0.5)]
+    random_augment: RandomAugmentConfig | None
     use_augmented: bool
+
+    @property
+    def downsamplings(self) -> int:
+        """How many times the network halves height and width: the stem, then each block."""
+        return int(self.stem_filters > 0) + len(self.block_filters)
 
     @model_validator(mode="after")
     def _blocks_fit_the_image(self) -> TrainCnnConfig:
-        # Each block halves height and width; the last one needs a pixel left to pool.
-        blocks = len(self.conv_filters)
-        if min(self.image_size) < 2**blocks:
+        # Each halving needs a pixel left to pool at the end.
+        halvings = self.downsamplings
+        if min(self.image_size) < 2**halvings:
             raise ValueError(
-                f"{blocks} conv/pool blocks need image_size of at least {2**blocks}x{2**blocks}, "
+                f"a stem and {len(self.block_filters)} blocks halve the image {halvings} "
+                f"times: image_size must be at least {2**halvings}x{2**halvings}, "
                 f"got {self.image_size[0]}x{self.image_size[1]}"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _warmup_within_training(self) -> TrainCnnConfig:
+        if self.warmup_epochs >= self.epochs:
+            raise ValueError(
+                f"warmup_epochs ({self.warmup_epochs}) must be below epochs ({self.epochs})"
             )
         return self
 
@@ -228,6 +263,7 @@ class FinetuneConfig(OptimizerMixin):
 class EvaluateConfig(Section):
     threshold: Fraction
     batch_size: PositiveInt
+    tta: bool
 
 
 class Config(Section):

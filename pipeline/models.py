@@ -19,6 +19,7 @@ from pipeline.config import (
     FinetuneConfig,
     HeadConfig,
     OptimizerMixin,
+    RandomAugmentConfig,
     TrainCnnConfig,
 )
 from pipeline.files import project_root
@@ -74,12 +75,22 @@ def _resource(variable):
     return variable.handle
 
 
-def make_optimizer(cfg: OptimizerMixin) -> keras.optimizers.Optimizer:
+def make_optimizer(
+    cfg: OptimizerMixin, learning_rate: float | keras.optimizers.schedules.LearningRateSchedule = 0
+) -> keras.optimizers.Optimizer:
+    """The optimizer `cfg` names, at `learning_rate` (a schedule) or else `cfg.learning_rate`."""
+    rate = learning_rate or cfg.learning_rate
     if cfg.optimizer == "sgd":
-        return keras.optimizers.SGD(learning_rate=cfg.learning_rate, momentum=cfg.momentum)
+        return keras.optimizers.SGD(learning_rate=rate, momentum=cfg.momentum)
     if cfg.optimizer == "rmsprop":
-        return keras.optimizers.RMSprop(learning_rate=cfg.learning_rate, momentum=cfg.momentum)
-    return FusedAdam(learning_rate=cfg.learning_rate)
+        return keras.optimizers.RMSprop(learning_rate=rate, momentum=cfg.momentum)
+    if cfg.optimizer == "adamw":
+        optimizer = keras.optimizers.AdamW(learning_rate=rate, weight_decay=cfg.weight_decay)
+        # Decay shrinks weights toward zero; biases and batch-norm scales and offsets have no
+        # such prior, so they are left alone, as in the AdamW paper's experiments.
+        optimizer.exclude_from_weight_decay(var_names=["bias", "gamma", "beta"])
+        return optimizer
+    return FusedAdam(learning_rate=rate)
 
 
 def compile_binary(
@@ -88,6 +99,7 @@ def compile_binary(
     optimizer: keras.optimizers.Optimizer | None = None,
     jit_compile: bool | str = "auto",
     steps_per_execution: int = 1,
+    label_smoothing: float = 0.0,
 ) -> keras.Model:
     """Compiles `model` as every stage trains it; `optimizer` and `jit_compile` let the
     benchmarks measure alternatives to `make_optimizer(cfg)` and Keras's default.
@@ -97,7 +109,7 @@ def compile_binary(
     """
     model.compile(
         optimizer=optimizer or make_optimizer(cfg),
-        loss="binary_crossentropy",
+        loss=keras.losses.BinaryCrossentropy(label_smoothing=label_smoothing),
         metrics=["accuracy", keras.metrics.AUC(name="auc")],
         jit_compile=jit_compile,
         steps_per_execution=steps_per_execution,
@@ -115,23 +127,106 @@ def probability_of_dog(x):
     return keras.layers.Dense(1, activation="sigmoid", dtype="float32", name=OUTPUT_LAYER)(x)
 
 
-def build_cnn(cfg: TrainCnnConfig, steps_per_execution: int = 1) -> keras.Model:
-    """The tutorial's small CNN: conv/pool blocks, dense layers with dropout, a sigmoid."""
+def learning_rate_schedule(
+    cfg: TrainCnnConfig, steps_per_epoch: int
+) -> float | keras.optimizers.schedules.LearningRateSchedule:
+    """`cfg.learning_rate`, constant or reached after `warmup_epochs` of linear warm-up and
+    then decayed to zero along a cosine by the last epoch (Keras's `CosineDecay`)."""
+    if cfg.schedule == "constant":
+        return cfg.learning_rate
+    warmup_steps = cfg.warmup_epochs * steps_per_epoch
+    return keras.optimizers.schedules.CosineDecay(
+        initial_learning_rate=0.0 if warmup_steps else cfg.learning_rate,
+        decay_steps=(cfg.epochs - cfg.warmup_epochs) * steps_per_epoch,
+        warmup_target=cfg.learning_rate if warmup_steps else None,
+        warmup_steps=warmup_steps,
+    )
+
+
+def random_augmentation(cfg: RandomAugmentConfig, seed: int) -> list[keras.layers.Layer]:
+    """Keras's random image layers: active in training only, so they run where the model
+    runs (on a GPU, the GPU) and a saved model predicts on the image as given.
+
+    float32, whatever the precision policy: the geometric transforms interpolate pixels,
+    which bfloat16's 8 bits of mantissa would band.
+    """
+    layers: list[keras.layers.Layer] = []
+    if cfg.horizontal_flip:
+        layers.append(keras.layers.RandomFlip("horizontal", seed=seed, dtype="float32"))
+    if cfg.rotation:
+        layers.append(keras.layers.RandomRotation(cfg.rotation, seed=seed + 1, dtype="float32"))
+    if cfg.zoom:
+        layers.append(keras.layers.RandomZoom(cfg.zoom, seed=seed + 2, dtype="float32"))
+    if cfg.shift:
+        layers.append(
+            keras.layers.RandomTranslation(cfg.shift, cfg.shift, seed=seed + 3, dtype="float32")
+        )
+    return layers
+
+
+def conv_unit(x, filters: int, cfg: TrainCnnConfig, strides: int = 1):
+    """A 3x3 convolution, batch-normalized if asked, then ReLU; depthwise-separable if asked,
+    but for the strided stem, whose 3 input channels leave a separable conv nothing to save."""
+    conv = keras.layers.SeparableConv2D if cfg.separable and strides == 1 else keras.layers.Conv2D
+    x = conv(filters, 3, strides=strides, padding="same", use_bias=not cfg.batch_norm)(x)
+    if cfg.batch_norm:
+        x = keras.layers.BatchNormalization()(x)
+    return keras.layers.Activation("relu")(x)
+
+
+def conv_block(x, filters: int, cfg: TrainCnnConfig):
+    """`convs_per_block` conv units at one width, then 2x2 max pooling; with `residual`, the
+    block's input joins its output through a strided 1x1 convolution (ResNet's shortcut)."""
+    shortcut = x
+    for _ in range(cfg.convs_per_block):
+        x = conv_unit(x, filters, cfg)
+    x = keras.layers.MaxPooling2D(2, padding="same")(x)
+    if cfg.residual:
+        shortcut = keras.layers.Conv2D(filters, 1, strides=2, padding="same")(shortcut)
+        x = keras.layers.Add()([x, shortcut])
+    return x
+
+
+def build_cnn(
+    cfg: TrainCnnConfig, *, steps_per_epoch: int = 1, steps_per_execution: int = 1, seed: int = 0
+) -> keras.Model:
+    """The scratch CNN `cfg` describes, compiled: random augmentation (training only), an
+    optional stride-2 stem, conv blocks, an optional wider top conv, pooling, dense layers,
+    dropout and a sigmoid.
+
+    The tutorial's network is one setting of it (see `presets/tutorial.txt`): no stem, blocks
+    of one conv at 32, 32 and 64 filters, flatten, dense 64, dropout 0.5, no batch norm.
+    """
     inputs = keras.Input(shape=(*cfg.image_size, 3), name="image")
-    x = keras.layers.Rescaling(1.0 / 255)(inputs)
-    for filters in cfg.conv_filters:
-        x = keras.layers.Conv2D(filters, 3, padding="same", use_bias=not cfg.batch_norm)(x)
-        if cfg.batch_norm:
-            x = keras.layers.BatchNormalization()(x)
-        x = keras.layers.Activation("relu")(x)
-        x = keras.layers.MaxPooling2D(2)(x)
-    x = keras.layers.Flatten()(x)
+    x = inputs
+    for layer in random_augmentation(cfg.random_augment, seed) if cfg.random_augment else []:
+        x = layer(x)
+    x = keras.layers.Rescaling(1.0 / 255)(x)
+    if cfg.stem_filters:
+        x = conv_unit(x, cfg.stem_filters, cfg, strides=2)
+    for filters in cfg.block_filters:
+        x = conv_block(x, filters, cfg)
+    if cfg.top_filters:
+        x = conv_unit(x, cfg.top_filters, cfg)
+    if cfg.pooling == "average":
+        x = keras.layers.GlobalAveragePooling2D()(x)
+    else:
+        x = keras.layers.Flatten()(x)
     for units in cfg.dense_units:
         x = keras.layers.Dense(units, activation="relu")(x)
         x = keras.layers.Dropout(cfg.dropout)(x)
+    if not cfg.dense_units and cfg.dropout:
+        x = keras.layers.Dropout(cfg.dropout)(x)
     outputs = probability_of_dog(x)
     model = keras.Model(inputs, outputs, name="cnn")
-    return compile_binary(model, cfg, steps_per_execution=steps_per_execution)
+    optimizer = make_optimizer(cfg, learning_rate_schedule(cfg, steps_per_epoch))
+    return compile_binary(
+        model,
+        cfg,
+        optimizer,
+        steps_per_execution=steps_per_execution,
+        label_smoothing=cfg.label_smoothing,
+    )
 
 
 def resolve_weights(weights: str) -> str | None:

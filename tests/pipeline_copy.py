@@ -24,8 +24,10 @@ TINY_PARAMS: dict[str, dict[str, Any]] = {
     "augment": {"variants": 1, "image_size": [32, 32]},
     "train_cnn": {
         "image_size": [32, 32],
-        "conv_filters": [8, 8],
-        "dense_units": [16],
+        "stem_filters": 4,
+        "block_filters": [8, 8],
+        "convs_per_block": 1,
+        "top_filters": 8,
         "batch_size": 8,
         "epochs": 2,
         "patience": 2,

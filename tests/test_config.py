@@ -28,7 +28,7 @@ def with_changes(raw: dict, **changes) -> dict:
 
 def test_repository_params_are_valid(repo_config) -> None:
     assert repo_config.common.seed == 42
-    assert repo_config.train_cnn.conv_filters == [32, 32, 64]
+    assert repo_config.train_cnn.block_filters == [64, 128, 256]
     assert repo_config.paths.models.cnn == Path("models/cnn.keras")
 
 
@@ -58,8 +58,17 @@ def test_config_is_frozen(repo_config) -> None:
         ({"paths__split": "data/raw"}, "paths.raw (data/raw) overlaps paths.split (data/raw)"),
         ({"paths__features": "data/raw/features"}, "paths.features (data/raw/features) overlaps"),
         (
-            {"train_cnn__conv_filters": [8] * 6, "train_cnn__image_size": [48, 48]},
-            "train_cnn: 6 conv/pool blocks need image_size of at least 64x64, got 48x48",
+            {"train_cnn__block_filters": [8] * 6, "train_cnn__image_size": [48, 48]},
+            "train_cnn: a stem and 6 blocks halve the image 7 times: image_size must be at "
+            "least 128x128, got 48x48",
+        ),
+        (
+            {"train_cnn__warmup_epochs": 30},
+            "train_cnn: warmup_epochs (30) must be below epochs (12)",
+        ),
+        (
+            {"train_cnn__optimizer": "lamb"},
+            "train_cnn.optimizer: Input should be 'adamw', 'adam', 'sgd' or 'rmsprop'",
         ),
         (
             {"compute__steps_per_execution": 0},

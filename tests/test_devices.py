@@ -132,7 +132,7 @@ def test_importing_devices_does_not_load_tensorflow() -> None:
 
 def test_mixed_precision_keeps_the_probability_in_float32() -> None:
     cfg = tiny_config().train_cnn.model_copy(
-        update={"conv_filters": [4], "dense_units": [4], "batch_norm": True}
+        update={"block_filters": [4], "dense_units": [4], "batch_norm": True}
     )
     keras.mixed_precision.set_global_policy("mixed_float16")
     try:
@@ -181,7 +181,12 @@ def tiny_workspace(root: Path, splits: dict[str, tuple[int, int]] = UNEVEN_SPLIT
     params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
     one_epoch = {"batch_size": 4, "epochs": 1}
     params["train_cnn"].update(
-        one_epoch, image_size=[32, 32], conv_filters=[4, 4], dense_units=[8], use_augmented=False
+        one_epoch,
+        warmup_epochs=0,
+        image_size=[32, 32],
+        block_filters=[4, 4],
+        dense_units=[8],
+        use_augmented=False,
     )
     params["features"].update(weights="none", image_size=[32, 32], batch_size=4)
     params["head"].update(one_epoch, units=8)

@@ -18,7 +18,14 @@ from pipeline.models import build_cnn
 from tests.conftest import jpeg_bytes, photo, tiny_config
 
 CFG = tiny_config().train_cnn.model_copy(
-    update={"conv_filters": [4, 6], "dense_units": [8], "dropout": 0.0, "batch_norm": True}
+    update={
+        "stem_filters": 0,
+        "block_filters": [4, 6],
+        "top_filters": 0,
+        "dense_units": [8],
+        "dropout": 0.0,
+        "batch_norm": True,
+    }
 )
 
 
