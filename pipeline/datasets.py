@@ -10,6 +10,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import tensorflow as tf
 
 from pipeline.images import LabeledImage
@@ -143,3 +144,14 @@ def training_datasets(
                 replicas=replicas,
             ),
         )
+
+
+def predict_dog_probability(model, images: tf.data.Dataset, mirror: bool = False) -> np.ndarray:
+    """P(dog) for each image of a dataset of image batches; with `mirror`, the mean of each
+    image's and its horizontal mirror's (test-time augmentation: a cat seen mirrored is
+    still a cat, and two views average out some of either's mistakes)."""
+    probs = model.predict(images, verbose=0).ravel()
+    if mirror:
+        mirrored = images.map(lambda batch: tf.reverse(batch, axis=[2]))
+        probs = (probs + model.predict(mirrored, verbose=0).ravel()) / 2
+    return probs

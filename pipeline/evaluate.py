@@ -19,17 +19,27 @@ import keras
 import mlflow
 import numpy as np
 from PIL import Image
+from scipy.stats import binomtest
 from sklearn import metrics as skm
 from sklearn.calibration import calibration_curve
 
 from pipeline import plots, process, tracking
 from pipeline.config import load_config_or_exit
-from pipeline.datasets import image_dataset
+from pipeline.datasets import image_dataset, predict_dog_probability
 from pipeline.extract_features import load_features
 from pipeline.files import atomic_files, write_json
 from pipeline.images import CLASS_NAMES, LabeledImage, list_split
 
-METRIC_NAMES = ("accuracy", "precision", "recall", "f1", "roc_auc", "log_loss")
+METRIC_NAMES = (
+    "accuracy",
+    "accuracy_ci_low",
+    "accuracy_ci_high",
+    "precision",
+    "recall",
+    "f1",
+    "roc_auc",
+    "log_loss",
+)
 EPSILON = 1e-7  # keeps log loss finite for a confident wrong answer, as Kaggle clips
 GALLERY_SIZE = 12
 CALIBRATION_BINS = 10
@@ -38,11 +48,19 @@ CALIBRATION_BINS = 10
 def classification_metrics(
     labels: np.ndarray, probs: np.ndarray, threshold: float
 ) -> dict[str, float]:
-    """Test metrics of one model; `log_loss` is the Kaggle competition's metric."""
+    """Test metrics of one model; `log_loss` is the Kaggle competition's metric.
+
+    `accuracy_ci_low` and `_high` bound the 95% Wilson score interval of the accuracy: how far
+    the same model's accuracy could be on another test split of this size.
+    """
     predicted = (probs >= threshold).astype(int)
     both_classes = len(np.unique(labels)) > 1
+    correct = int((predicted == labels).sum())
+    interval = binomtest(correct, len(labels)).proportion_ci(0.95, method="wilson")
     return {
-        "accuracy": float(skm.accuracy_score(labels, predicted)),
+        "accuracy": correct / len(labels),
+        "accuracy_ci_low": float(interval.low),
+        "accuracy_ci_high": float(interval.high),
         "precision": float(skm.precision_score(labels, predicted, zero_division=0)),
         "recall": float(skm.recall_score(labels, predicted, zero_division=0)),
         "f1": float(skm.f1_score(labels, predicted, zero_division=0)),
@@ -145,14 +163,15 @@ def attach_test_metrics(
 
 
 def predict_images(
-    model_path: Path, split_root: Path, batch_size: int
+    model_path: Path, split_root: Path, batch_size: int, mirror: bool = False
 ) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """A model that takes raw images (the CNN, the fine-tuned network) on the test images."""
+    """A model that takes raw images (the CNN, the fine-tuned network) on the test images;
+    with `mirror`, each image's P(dog) is averaged with its mirror's (`evaluate.tta`)."""
     test = list_split(split_root / "test")
     model = keras.models.load_model(model_path)
     image_size = model.input_shape[1:3]
     dataset = image_dataset(test, image_size, batch_size).map(lambda x, _y: x)
-    probs = model.predict(dataset, verbose=0).ravel()
+    probs = predict_dog_probability(model, dataset, mirror)
     return [image.path.as_posix() for image in test], np.array([i.label for i in test]), probs
 
 
@@ -165,15 +184,16 @@ def predict_head(model_path: Path, features_path: Path) -> tuple[list[str], np.n
 def main() -> None:
     cfg = load_config_or_exit()
     paths, threshold = cfg.paths, cfg.evaluate.threshold
+    batch_size, tta = cfg.evaluate.batch_size, cfg.evaluate.tta
     reports = paths.reports.evaluate
     try:
         predictions = {
-            "cnn": predict_images(paths.models.cnn, paths.split, cfg.evaluate.batch_size),
+            "cnn": predict_images(paths.models.cnn, paths.split, batch_size, tta),
             "transfer": predict_head(paths.models.head, paths.features / "test.npz"),
         }
         if cfg.finetune.enabled:
             predictions["finetuned"] = predict_images(
-                paths.models.finetuned, paths.split, cfg.evaluate.batch_size
+                paths.models.finetuned, paths.split, batch_size, tta
             )
     except (FileNotFoundError, ValueError) as error:
         sys.exit(f"evaluate: {error}; run the training stages first")

@@ -29,7 +29,7 @@ import tensorflow as tf
 
 import pipeline.models  # noqa: F401  (registers FusedAdam, for models saved with their optimizer)
 from pipeline import process, tracking
-from pipeline.datasets import load_image
+from pipeline.datasets import load_image, predict_dog_probability
 from pipeline.files import atomic_file
 from pipeline.images import (
     CLASS_NAMES,
@@ -80,9 +80,14 @@ def label_of_probability(prob: float, threshold: float) -> str:
 
 
 def predict_files(
-    model, files: list[Path], batch_size: int = DEFAULT_BATCH, reencode: Collection[Path] = ()
+    model,
+    files: list[Path],
+    batch_size: int = DEFAULT_BATCH,
+    reencode: Collection[Path] = (),
+    mirror: bool = False,
 ) -> np.ndarray:
-    """The probability of a dog for each file, decoded exactly as in training."""
+    """The probability of a dog for each file, decoded exactly as in training; with `mirror`,
+    averaged with its mirror image's, as `evaluate.tta` scores the test split."""
     image_size = tuple(model.input_shape[1:3])
     with tempfile.TemporaryDirectory(prefix="predict-") as converted:
         sources = []
@@ -97,7 +102,7 @@ def predict_files(
             .map(lambda path: load_image(path, image_size), num_parallel_calls=tf.data.AUTOTUNE)
             .batch(batch_size)
         )
-        return model.predict(dataset, verbose=0).ravel()
+        return predict_dog_probability(model, dataset, mirror)
 
 
 def check_classifier(model: keras.Model, reference: str) -> keras.Model:
@@ -203,6 +208,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--batch-size", type=process.positive_int, default=DEFAULT_BATCH)
     parser.add_argument(
+        "--tta",
+        action="store_true",
+        help="average each image's P(dog) with its mirror image's (test-time augmentation)",
+    )
+    parser.add_argument(
         "--kaggle-submission",
         action="store_true",
         help="write id,label (P(dog)) for Kaggle's test1/N.jpg images",
@@ -222,7 +232,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"predict: skipped {path}: {reason}", file=sys.stderr)
     if not files:
         sys.exit("predict: no readable images given")
-    probs = predict_files(model, files, args.batch_size, reencode)
+    probs = predict_files(model, files, args.batch_size, reencode, args.tta)
     if args.kaggle_submission:
         unreadable = [path for path, _ in rejected if path.is_file()]
         write = partial(write_submission, rows=submission_rows(files, probs, unreadable))

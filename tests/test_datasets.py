@@ -125,3 +125,28 @@ def test_several_replicas_never_get_a_batch_smaller_than_their_number(
     for _ in range(2):  # the second epoch reads the cache
         assert [len(y) for _, y in dataset.as_numpy_iterator()] == [11]
     assert [len(y) for _, y in image_dataset(images, SIZE, 11).as_numpy_iterator()] == [11, 1]
+
+
+def test_mirror_averages_each_images_and_its_mirrors_probability() -> None:
+    import keras
+    import tensorflow as tf
+
+    from pipeline.datasets import predict_dog_probability
+
+    # P(dog) grows with the red in the left half of the image: mirroring changes it.
+    inputs = keras.Input((8, 8, 3))
+    left_red = keras.layers.Cropping2D(((0, 0), (0, 4)))(inputs)
+    pooled = keras.layers.GlobalAveragePooling2D()(left_red)
+    dense = keras.layers.Dense(1, activation="sigmoid")
+    model = keras.Model(inputs, dense(pooled))
+    dense.set_weights([np.array([[0.05], [0.0], [0.0]], "float32"), np.array([-3.0], "float32")])
+    images = np.random.default_rng(0).uniform(0, 255, (5, 8, 8, 3)).astype("float32")
+    batches = tf.data.Dataset.from_tensor_slices(images).batch(2)
+
+    plain = predict_dog_probability(model, batches)
+    mirrored = model.predict(images[:, :, ::-1], verbose=0).ravel()
+    averaged = predict_dog_probability(model, batches, mirror=True)
+
+    np.testing.assert_allclose(plain, model.predict(images, verbose=0).ravel(), rtol=1e-6)
+    assert not np.allclose(plain, mirrored)
+    np.testing.assert_allclose(averaged, (plain + mirrored) / 2, rtol=1e-6)

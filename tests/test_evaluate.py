@@ -41,7 +41,7 @@ def test_confident_mistakes_keep_log_loss_finite() -> None:
 
 
 def test_comparison_table_has_a_column_per_model() -> None:
-    base = dict.fromkeys(("accuracy", "precision", "recall", "f1", "roc_auc", "log_loss"), 0.5)
+    base = dict.fromkeys(evaluate.METRIC_NAMES, 0.5)
     table = comparison_table({"cnn": base, "transfer": {**base, "accuracy": 0.9}})
     assert table.splitlines()[0] == "| metric | cnn | transfer |"
     assert "| accuracy | 0.5000 | 0.9000 |" in table
@@ -129,3 +129,18 @@ def test_test_metrics_of_a_model_the_store_does_not_know_are_a_warning(tmp_path,
     logged = mlflow.get_logged_model(model.model_id)
     assert {metric.key: metric.value for metric in logged.metrics} == {"test_accuracy": 0.9}
     assert mlflow.get_run(training.info.run_id).data.metrics == {"test_accuracy": 0.9}
+
+
+def test_accuracy_comes_with_its_95_percent_wilson_interval() -> None:
+    labels = np.array([1] * 50 + [0] * 50)
+    probs = np.where(np.arange(100) < 90, labels, 1 - labels).astype(float)  # 90 right
+    scores = classification_metrics(labels, probs, 0.5)
+    z, n, p = 1.959964, 100, 0.9  # Wilson (1927): the score interval's centre and half-width
+    centre = (p + z**2 / (2 * n)) / (1 + z**2 / n)
+    half = z * math.sqrt(p * (1 - p) / n + z**2 / (4 * n**2)) / (1 + z**2 / n)
+    assert scores["accuracy"] == pytest.approx(0.9)
+    assert scores["accuracy_ci_low"] == pytest.approx(centre - half, abs=1e-6)
+    assert scores["accuracy_ci_high"] == pytest.approx(centre + half, abs=1e-6)
+    # A perfect score still has an interval below 1 (a normal approximation would give 1 to 1).
+    perfect = classification_metrics(labels, labels.astype(float), 0.5)
+    assert perfect["accuracy_ci_low"] < 1 and perfect["accuracy_ci_high"] == pytest.approx(1)

@@ -12,7 +12,7 @@ from tests.conftest import tiny_config, write_kaggle_tree
 
 @pytest.fixture(scope="module")
 def model_path(tmp_path_factory) -> Path:
-    cfg = tiny_config().train_cnn.model_copy(update={"conv_filters": [4], "dense_units": [4]})
+    cfg = tiny_config().train_cnn.model_copy(update={"block_filters": [4], "dense_units": [4]})
     path = tmp_path_factory.mktemp("model") / "cnn.keras"
     for_inference(build_cnn(cfg)).save(path)  # as train_cnn saves it
     return path
@@ -147,3 +147,28 @@ def test_kaggle_submission_refuses_ids_that_clash_or_are_not_numbers(tmp_path, m
         (test1 / name).write_bytes(jpeg_bytes(photo(0, 1)))
     with pytest.raises(SystemExit, match=r"both claim id|not named like Kaggle"):
         main(["--model", str(model_path), str(test1), "--kaggle-submission"])
+
+
+def test_tta_gives_the_mean_of_each_image_and_its_mirror(tmp_path, model_path):
+    import keras
+    from PIL import Image, ImageOps
+
+    write_kaggle_tree(tmp_path / "photos", per_class=2)
+    for image in (tmp_path / "photos/train").iterdir():
+        mirror = tmp_path / "mirrors" / image.name
+        mirror.parent.mkdir(exist_ok=True)
+        ImageOps.mirror(Image.open(image)).save(mirror, quality=100)
+
+    def probabilities(*args: str) -> dict[str, float]:
+        out = tmp_path / f"p{len(list(tmp_path.glob('*.csv')))}.csv"
+        main(["--model", str(model_path), *args, "--out", str(out)])
+        return {Path(r["file"]).name: float(r["prob_dog"]) for r in csv.DictReader(out.open())}
+
+    plain = probabilities(str(tmp_path / "photos"))
+    of_mirrors = probabilities(str(tmp_path / "mirrors"))
+    averaged = probabilities(str(tmp_path / "photos"), "--tta")
+    assert keras.models.load_model(model_path).input_shape[1:3] == (32, 32)
+    assert plain != averaged
+    for name, prob in averaged.items():
+        # A saved JPEG mirror is not bit-for-bit the decoded image mirrored: a close match.
+        assert prob == pytest.approx((plain[name] + of_mirrors[name]) / 2, abs=0.02)
