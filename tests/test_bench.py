@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from bench import (
+    accuracy,
     disk,
     feature_extraction,
     incremental,
@@ -275,3 +276,18 @@ def test_incremental_edits_the_head_then_the_cnn_unless_told_not_to() -> None:
         ("train_cnn", "dropout", 0.3),  # a real change, whatever the configured dropout
     ]
     assert list(incremental.planned_edits(params, cnn_edit=False)) == list(edits)[:3]
+
+
+@pytest.mark.slow
+def test_accuracy_reports_a_presets_test_accuracy_with_its_interval_and_without_tta(
+    tiny_zip: Path, tmp_path: Path
+) -> None:
+    args = ["--quick", "--preset", "tutorial", "--seed", "0", "--images", str(tiny_zip)]
+    data = load_result(accuracy.main([*args, "--out", str(tmp_path)]), "accuracy-tutorial-all-0")
+    assert "train_cnn.optimizer=sgd" in data["settings"]["overrides"]
+    results = data["results"]
+    cnn = results["cnn"]
+    assert cnn["accuracy_ci_low"] <= cnn["accuracy"] <= cnn["accuracy_ci_high"]
+    assert 0 <= results["cnn_without_tta"]["accuracy"] <= 1
+    assert results["train_cnn"]["epochs_run"] >= 1
+    assert_positive(results["wall_s"], results["stage_seconds"]["train_cnn"])
