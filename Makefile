@@ -44,7 +44,16 @@ $(BIN)/.installed: pyproject.toml requirements.lock
 
 ## Set up and run the pipeline (DATA=zip or folder, WEIGHTS=none or .h5: offline).
 pipeline: $(BIN)/.installed mlflow-db
-	$(if $(strip $(PIPELINE_SETS)),$(BIN)/dvc exp run $(strip $(PIPELINE_SETS)),$(BIN)/dvc repro)
+ifneq ($(strip $(PIPELINE_SETS)),)
+	@# A DVC experiment is a git commit: without a name and email it fails after the training.
+	@git config user.name >/dev/null && git config user.email >/dev/null || { \
+	    echo 'make pipeline: set your git name and email first (DVC experiments are commits):'; \
+	    echo '  git config --global user.name "Your Name"'; \
+	    echo '  git config --global user.email you@example.com'; exit 1; }
+	$(BIN)/dvc exp run $(strip $(PIPELINE_SETS))
+else
+	$(BIN)/dvc repro
+endif
 
 ## Set up and run the test suite.
 test: $(BIN)/.installed
