@@ -47,6 +47,16 @@ def tracked_files(root: Path) -> list[str]:
     return [name for name in listed.stdout.split("\0") if name]
 
 
+def copy_repository(target: Path) -> None:
+    """The files git tracks, and the untracked ones it does not ignore (work not committed
+    yet is tested too), copied to `target`: what a clone of the working tree would hold."""
+    for name in tracked_files(REPO_ROOT):
+        source = REPO_ROOT / name
+        if source.is_file():
+            (target / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, target / name)
+
+
 def makefile_env(root: Path, venv: Path) -> dict[str, str]:
     """PATH and VIRTUAL_ENV as the Makefile exports them to its recipes for `venv`: asked of
     make itself, so that the tests' DVC runs the stages with the interpreter `make` gives them,
@@ -105,11 +115,7 @@ class PipelineCopy:
         cls, target: Path, dataset: Path, overrides: dict | None = None, tiny: bool = True
     ) -> PipelineCopy:
         """A git+DVC copy reading `dataset`: with TINY_PARAMS, or the repository's own."""
-        for name in tracked_files(REPO_ROOT):
-            source = REPO_ROOT / name
-            if source.is_file():
-                (target / name).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(source, target / name)
+        copy_repository(target)
         copy = cls(root=target, env=clean_env(target))
         params = yaml.safe_load((target / "params.yaml").read_text())
         merged = {**(TINY_PARAMS if tiny else {}), **(overrides or {})}
