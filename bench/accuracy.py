@@ -26,7 +26,7 @@ PRESETS = REPO_ROOT / "presets"
 
 
 def preset_overrides(name: str | None) -> list[str]:
-    """The `dvc exp run -S` overrides of `presets/<name>.txt`, as `make exp PRESET=` reads it."""
+    """The `dvc exp run -S` overrides in `presets/<name>.txt`, as `make pipeline PRESET=` reads."""
     if name is None:
         return []
     lines = (PRESETS / f"{name}.txt").read_text().splitlines()

@@ -210,14 +210,14 @@ def in_fresh_interpreter(command: str) -> tuple[float, str, float]:
 
     Returns the seconds it took, its last line of stdout, and the wall-clock time it exited at.
     """
-    from tests.pipeline_copy import clean_env
+    from tests.pipeline_copy import probe_env
 
     with tempfile.TemporaryDirectory(prefix="bench-overheads-") as probe:
         with Timer() as total:
             result = subprocess.run(
                 [sys.executable, "-c", command],
                 cwd=probe,
-                env=clean_env(REPO_ROOT),
+                env=probe_env(REPO_ROOT),
                 capture_output=True,
                 text=True,
                 check=True,

@@ -1,8 +1,13 @@
 """Images per second delivered to training: our tf.data pipeline vs. the tutorial's generator.
 
-Ours: `pipeline.datasets.image_dataset` (parallel decode, resize, batch, prefetch) with
-`pipeline.augment`'s Keras augmentation layers applied on the fly in a `.map`, so both sides
-do the same work: decode, resize, random flip/rotation/zoom/shift/shear, batch.
+Two headline ratios, labelled as such, since they answer different questions:
+- as trained: what `train_cnn` reads each epoch after the first (the uint8 cache of files,
+  the augmented variants among them, written once per parameter set by the augment stage)
+  against the tutorial's generator augmenting every epoch. Not the same work: this is the
+  design's gain (augment once, cache decoded pixels), not a faster augmentation.
+- like for like: both sides augment every epoch: `pipeline.datasets.image_dataset` (parallel
+  decode, resize, batch, prefetch) with `pipeline.augment`'s Keras layers on the fly in a
+  `.map`, against the tutorial's decode, resize, random flip/rotation/zoom/shift/shear, batch.
 
 The tutorial's: Keras 2's `ImageDataGenerator(...).flow_from_directory(...)`, which Keras 3
 removed; `tutorial_batches` re-implements what it did per batch in one Python thread: PIL
@@ -226,6 +231,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
 
     rates = {name: len(images) / min(seconds) for name, seconds in times.items()}
     headline = ratio(rates["ours_cached"], rates["tutorial_augmented"])
+    like_for_like = ratio(rates["ours_augmented"], rates["tutorial_augmented"])
     report.settings = {
         "images": len(images),
         "image_size": list(size),
@@ -238,7 +244,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
         "images_per_s": rates,
         "epoch_seconds": times,
         "ratio_as_trained": headline,
-        "ratio_augmented": ratio(rates["ours_augmented"], rates["tutorial_augmented"]),
+        "ratio_augmented": like_for_like,  # like for like: both augment every epoch
         "ratio_plain": ratio(rates["ours_plain"], rates["tutorial_plain"]),
         "ratio_cached_plain": ratio(rates["ours_cached"], rates["tutorial_plain"]),
         "augmentation_cost_ours": ratio(rates["ours_plain"], rates["ours_augmented"]),
@@ -277,10 +283,22 @@ def main(argv: Sequence[str] | None = None) -> Path:
         rows,
     )
     report.target(
-        "ours as train_cnn reads / tutorial's augmenting generator",
+        "as trained, not like for like: ours as train_cnn reads (augmented once, uint8 cache) "
+        "/ tutorial's augmenting generator",
         headline,
         f">= {TARGET_RATIO:g}x",
         None if headline is None else headline >= TARGET_RATIO,
+    )
+    report.target(
+        "like for like, both augmenting every epoch: ours with the augment stage's Keras "
+        "layers on the fly / tutorial's augmenting generator",
+        like_for_like,
+        "reported",
+        None,
+    )
+    report.notes.append(
+        "The as-trained ratio (the target's) compares different work: train_cnn reads "
+        "variants augmented once; the like-for-like ratio is the same work on both sides."
     )
     report.notes.append(
         "Both deliver augmented images to training each epoch: the tutorial transforms them "

@@ -130,7 +130,7 @@ def measure_head_feeding(
 ) -> dict[str, dict[int, dict]]:
     """Peak RSS and seconds of `probe_head_feeding`, each feeding at each N, taking turns."""
     from pipeline.split import split_counts
-    from tests.pipeline_copy import clean_env
+    from tests.pipeline_copy import probe_env
 
     split = repo_config().split
     measured: dict[str, dict[int, dict]] = {feeding: {} for feeding in HEAD_FEEDINGS}
@@ -145,7 +145,7 @@ def measure_head_feeding(
             result = run_or_exit(
                 [sys.executable, "-c", code],
                 workdir,
-                clean_env(REPO_ROOT),
+                probe_env(REPO_ROOT),
                 log,
                 timeout,
                 f"train_head fed by {feeding} at N={n}",
@@ -218,7 +218,7 @@ def measure(
     args: argparse.Namespace, sizes: list[int], params: dict, repeats: int
 ) -> tuple[dict, dict, dict]:
     """Every stage at every size, the head's feedings, then the import floors."""
-    from tests.pipeline_copy import clean_env
+    from tests.pipeline_copy import probe_env
 
     per_size: dict[int, dict] = {}
     with tempfile.TemporaryDirectory(prefix="bench-memory-", dir=args.workdir) as workdir:
@@ -231,7 +231,7 @@ def measure(
             name: run_measured(
                 [sys.executable, "-c", f"import pipeline.{name}"],
                 Path(workdir),
-                clean_env(REPO_ROOT),
+                probe_env(REPO_ROOT),
                 Path(workdir) / f"floor-{name}.log",
                 args.timeout,
             )

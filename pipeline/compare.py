@@ -13,12 +13,12 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-import mlflow
-import pandas as pd
-from mlflow.exceptions import MlflowException
+from pipeline import process
 
-from pipeline import process, tracking
+if TYPE_CHECKING:  # pandas and MLflow are imported where used: `--help` is instant
+    import pandas as pd
 
 DEFAULT_METRIC = "transfer_test_accuracy"
 SHOWN_METRICS = ("accuracy", "roc_auc", "log_loss")
@@ -31,6 +31,11 @@ def lower_is_better(metric: str) -> bool:
 
 def executions(experiment_name: str) -> pd.DataFrame:
     """The parent run of every pipeline execution in the experiment, newest first."""
+    import mlflow
+    import pandas as pd
+
+    from pipeline import tracking
+
     experiment = mlflow.get_experiment_by_name(experiment_name)
     if experiment is None:
         return pd.DataFrame()
@@ -43,6 +48,10 @@ def executions(experiment_name: str) -> pd.DataFrame:
 
 def comparison(runs: pd.DataFrame, metric: str) -> pd.DataFrame:
     """One row per execution: its name, the params that differ between rows, test metrics."""
+    import pandas as pd
+
+    from pipeline import tracking
+
     if runs.empty:
         return pd.DataFrame()
     param_columns = [c for c in runs.columns if c.startswith("params.")]
@@ -74,6 +83,8 @@ def comparison(runs: pd.DataFrame, metric: str) -> pd.DataFrame:
 
 
 def to_markdown(table: pd.DataFrame) -> str:
+    import pandas as pd
+
     def cell(value) -> str:
         if value is None or (isinstance(value, float) and pd.isna(value)):
             return ""
@@ -86,9 +97,20 @@ def to_markdown(table: pd.DataFrame) -> str:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.compare", description=__doc__)
-    parser.add_argument("--metric", default=DEFAULT_METRIC, help="metric to sort by")
-    parser.add_argument("--experiment", default=tracking.experiment_name())
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline.compare",
+        description=__doc__,
+        formatter_class=process.HelpFormatter,
+    )
+    parser.add_argument(
+        "--metric",
+        default=DEFAULT_METRIC,
+        help="the metric to sort by, best first (lowest first for *loss); also shown",
+    )
+    parser.add_argument(
+        "--experiment",
+        help="the MLflow experiment to read (default: $MLFLOW_EXPERIMENT_NAME, else dogs-vs-cats)",
+    )
     parser.add_argument(
         "--limit", type=process.positive_int, default=50, help="show at most this many rows"
     )
@@ -100,6 +122,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
+    import mlflow
+    import pandas as pd
+    from mlflow.exceptions import MlflowException
+
+    from pipeline import tracking
+
+    args.experiment = args.experiment or tracking.experiment_name()
     mlflow.set_tracking_uri(tracking.tracking_uri())
     try:
         runs = executions(args.experiment)

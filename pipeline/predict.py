@@ -20,16 +20,9 @@ import tempfile
 from collections.abc import Collection, Iterable, Sequence
 from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import keras
-import mlflow
-import mlflow.keras
-import numpy as np
-import tensorflow as tf
-
-import pipeline.models  # noqa: F401  (registers FusedAdam, for models saved with their optimizer)
-from pipeline import process, tracking
-from pipeline.datasets import load_image, predict_dog_probability
+from pipeline import process
 from pipeline.files import atomic_file
 from pipeline.images import (
     CLASS_NAMES,
@@ -38,6 +31,10 @@ from pipeline.images import (
     is_image_name,
     reencode_as_jpeg,
 )
+
+if TYPE_CHECKING:  # TensorFlow, Keras and MLflow are imported where used: `--help` is instant
+    import keras
+    import numpy as np
 
 DEFAULT_BATCH = 32
 
@@ -88,6 +85,10 @@ def predict_files(
 ) -> np.ndarray:
     """The probability of a dog for each file, decoded exactly as in training; with `mirror`,
     averaged with its mirror image's, as `evaluate.tta` scores the test split."""
+    import tensorflow as tf
+
+    from pipeline.datasets import load_image, predict_dog_probability
+
     image_size = tuple(model.input_shape[1:3])
     with tempfile.TemporaryDirectory(prefix="predict-") as converted:
         sources = []
@@ -124,6 +125,13 @@ def check_classifier(model: keras.Model, reference: str) -> keras.Model:
 
 def load_model(reference: str) -> keras.Model:
     """A `.keras` file, or a model from MLflow by URI (`models:/name@alias`, `runs:/...`)."""
+    import keras
+    import mlflow
+    import mlflow.keras
+
+    import pipeline.models  # noqa: F401  (registers FusedAdam, for models saved with it)
+    from pipeline import tracking
+
     if ":/" in reference:
         mlflow.set_tracking_uri(tracking.tracking_uri())
         try:
@@ -194,19 +202,32 @@ def refuse_unsafe_output(out: Path, reads: Iterable[Path]) -> None:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m pipeline.predict", description="Classify photos as cat or dog."
+        prog="python -m pipeline.predict",
+        description=__doc__,
+        formatter_class=process.HelpFormatter,
     )
-    parser.add_argument("inputs", nargs="+", type=Path, help="image files or folders")
+    parser.add_argument(
+        "inputs", nargs="+", type=Path, help="image files, or folders searched for images"
+    )
     parser.add_argument(
         "--model",
         required=True,
-        help="a trained .keras file, or an MLflow model URI such as models:/dogs-vs-cats@champion",
+        help="a trained .keras file (models/cnn.keras, models/transfer.keras, "
+        "models/finetuned.keras), or an MLflow model URI such as models:/dogs-vs-cats@champion",
     )
-    parser.add_argument("--out", type=Path, help="CSV to write (default: standard output)")
+    parser.add_argument("--out", type=Path, help="the CSV file to write (default: standard output)")
     parser.add_argument(
-        "--threshold", type=probability, default=0.5, help="P(dog) from which an image is a dog"
+        "--threshold",
+        type=probability,
+        default=0.5,
+        help="P(dog) from which an image is labelled a dog",
     )
-    parser.add_argument("--batch-size", type=process.positive_int, default=DEFAULT_BATCH)
+    parser.add_argument(
+        "--batch-size",
+        type=process.positive_int,
+        default=DEFAULT_BATCH,
+        help="images per prediction batch (memory, not results)",
+    )
     parser.add_argument(
         "--tta",
         action="store_true",
@@ -215,7 +236,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--kaggle-submission",
         action="store_true",
-        help="write id,label (P(dog)) for Kaggle's test1/N.jpg images",
+        help="write id,label (label = P(dog)) for Kaggle's test1/N.jpg images instead",
     )
     return parser.parse_args(argv)
 

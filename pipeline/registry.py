@@ -15,13 +15,12 @@ import re
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import mlflow
-from mlflow.entities import LoggedModel
-from mlflow.exceptions import MlflowException
-from mlflow.tracking import MlflowClient
+from pipeline import process
 
-from pipeline import process, tracking
+if TYPE_CHECKING:  # MLflow is imported where used: `--help` is instant
+    from mlflow.entities import LoggedModel
 
 DEFAULT_NAME = "dogs-vs-cats"
 DEFAULT_ALIAS = "champion"
@@ -50,6 +49,11 @@ def promote(
     metric: str, model: str | None, registered_name: str, alias: str
 ) -> tuple[Candidate, str]:
     """Registers the best candidate under `registered_name` and points `alias` at it."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from pipeline import tracking
+
     experiment = mlflow.get_experiment_by_name(tracking.experiment_name())
     if experiment is None:
         raise LookupError(f"no MLflow experiment '{tracking.experiment_name()}' yet")
@@ -87,18 +91,42 @@ def alias_problem(alias: str) -> str | None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.registry", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
-    command = commands.add_parser("promote", help="register the best model and alias it")
-    command.add_argument("--metric", default="test_accuracy")
-    command.add_argument(
-        "--model", choices=("cnn", "transfer", "finetuned"), help="only this kind of model"
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline.registry",
+        description=__doc__,
+        formatter_class=process.HelpFormatter,
     )
-    command.add_argument("--name", default=DEFAULT_NAME, help="registered model name")
-    command.add_argument("--alias", default=DEFAULT_ALIAS)
+    commands = parser.add_subparsers(dest="command", required=True)
+    command = commands.add_parser(
+        "promote",
+        help="register the best evaluated model and alias it",
+        description="Register the logged model with the best --metric under --name and point\n"
+        "--alias at that version; promoting the same model again reuses its version.",
+        formatter_class=process.HelpFormatter,
+    )
+    command.add_argument(
+        "--metric",
+        default="test_accuracy",
+        help="the test metric evaluate attached to each model (test_roc_auc, test_log_loss, "
+        "...); highest wins, lowest for *loss",
+    )
+    command.add_argument(
+        "--model",
+        choices=("cnn", "transfer", "finetuned"),
+        help="only this kind of model (default: any)",
+    )
+    command.add_argument("--name", default=DEFAULT_NAME, help="the registered model's name")
+    command.add_argument(
+        "--alias", default=DEFAULT_ALIAS, help="the alias: models:/<name>@<alias> loads it"
+    )
     args = parser.parse_args(argv)
     if problem := name_problem(args.name) or alias_problem(args.alias):
         parser.error(problem)
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from pipeline import tracking
+
     mlflow.set_tracking_uri(tracking.tracking_uri())
     try:
         best, version = promote(args.metric, args.model, args.name, args.alias)

@@ -49,10 +49,44 @@ def tracked_files(root: Path) -> list[str]:
     return [name for name in listed.stdout.split("\0") if name]
 
 
+def copy_repository(target: Path) -> None:
+    """The files git tracks, and the untracked ones it does not ignore (work not committed
+    yet is tested too), copied to `target`: what a clone of the working tree would hold."""
+    for name in tracked_files(REPO_ROOT):
+        source = REPO_ROOT / name
+        if source.is_file():
+            (target / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, target / name)
+
+
+def makefile_env(root: Path, venv: Path) -> dict[str, str]:
+    """PATH and VIRTUAL_ENV as the Makefile exports them to its recipes for `venv`: asked of
+    make itself, so that the tests' DVC runs the stages with the interpreter `make` gives them,
+    and a Makefile that stopped doing so would fail them."""
+    recipe = 'print-env:\n\t@printf "%s\\n%s\\n" "$$PATH" "$$VIRTUAL_ENV"\n'
+    make = ["make", "-s", "--no-print-directory", "-f", "Makefile", "-f", "-"]
+    printed = subprocess.run(
+        [*make, f"VENV={venv}", "print-env"],
+        cwd=root,
+        input=recipe,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    path, virtual_env = printed.stdout.splitlines()
+    return {"PATH": path, "VIRTUAL_ENV": virtual_env}
+
+
 def clean_env(root: Path) -> dict[str, str]:
-    """The environment for DVC and the stages: this venv's python first, no outside MLflow."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    """The environment for DVC and the stages, as `make pipeline` gives it (this venv first on
+    PATH, no PYTHONPATH: the stages import the `pipeline/` of the folder they run in), without
+    an outside MLflow or DVC configuration."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("MLFLOW_", "DVC_")) and k != "PYTHONPATH"
+    }
+    env.update(makefile_env(root, Path(sys.prefix)))
     env.update(
         GIT_AUTHOR_NAME="test",
         GIT_AUTHOR_EMAIL="test@example.com",
@@ -60,9 +94,14 @@ def clean_env(root: Path) -> dict[str, str]:
         GIT_COMMITTER_EMAIL="test@example.com",
         DVC_NO_ANALYTICS="1",
         TF_CPP_MIN_LOG_LEVEL="2",
-        PYTHONPATH=str(root),
     )
     return env
+
+
+def probe_env(root: Path) -> dict[str, str]:
+    """`clean_env` plus PYTHONPATH, for `python -c` probes that import `pipeline`, `bench` or
+    `tests` from outside the repository."""
+    return {**clean_env(root), "PYTHONPATH": str(root)}
 
 
 @dataclass
@@ -78,11 +117,7 @@ class PipelineCopy:
         cls, target: Path, dataset: Path, overrides: dict | None = None, tiny: bool = True
     ) -> PipelineCopy:
         """A git+DVC copy reading `dataset`: with TINY_PARAMS, or the repository's own."""
-        for name in tracked_files(REPO_ROOT):
-            source = REPO_ROOT / name
-            if source.is_file():
-                (target / name).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(source, target / name)
+        copy_repository(target)
         copy = cls(root=target, env=clean_env(target))
         params = yaml.safe_load((target / "params.yaml").read_text())
         merged = {**(TINY_PARAMS if tiny else {}), **(overrides or {})}
@@ -97,13 +132,13 @@ class PipelineCopy:
 
     @property
     def python(self) -> str:
-        return sys.executable
+        return "python"  # the venv's, first on PATH as under make
 
     def git(self, *args: str) -> str:
         return self.run("git", *args)
 
     def dvc(self, *args: str, check: bool = True) -> str:
-        return self.run(sys.executable, "-m", "dvc", *args, check=check)
+        return self.run("dvc", *args, check=check)  # the venv's, found on PATH as make finds it
 
     def run(self, *command: str, check: bool = True) -> str:
         result = subprocess.run(
