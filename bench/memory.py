@@ -286,7 +286,7 @@ def memory_params(image_size: int, finetune: bool, epochs: int = 1) -> dict[str,
     size = [image_size, image_size]
     return {
         "augment": {"variants": 1, "image_size": size},
-        "train_cnn": {"image_size": size, "epochs": epochs, "patience": epochs},
+        "train_cnn": {"image_size": size, "epochs": epochs, "patience": epochs, "warmup_epochs": 0},
         "features": {"weights": "none", "image_size": size},
         "head": {"epochs": epochs, "patience": epochs},
         "finetune": {"enabled": finetune, "epochs": 1, "patience": 1},
