@@ -37,6 +37,8 @@ if TYPE_CHECKING:  # TensorFlow, Keras and MLflow are imported where used: `--he
     import numpy as np
 
 DEFAULT_BATCH = 32
+PREDICTIONS_HEADER = ("file", "prob_dog", "label")
+SUBMISSION_HEADER = ("id", "label")
 
 
 def collect_inputs(
@@ -148,7 +150,7 @@ def load_model(reference: str) -> keras.Model:
 
 def write_predictions(out, files: list[Path], probs: np.ndarray, threshold: float) -> None:
     writer = csv.writer(out)
-    writer.writerow(["file", "prob_dog", "label"])
+    writer.writerow(PREDICTIONS_HEADER)
     for path, prob in zip(files, probs, strict=True):
         writer.writerow([path.as_posix(), f"{prob:.6f}", label_of_probability(prob, threshold)])
 
@@ -176,7 +178,7 @@ def submission_rows(
 
 def write_submission(out, rows: list[tuple[int, float]]) -> None:
     writer = csv.writer(out)
-    writer.writerow(["id", "label"])
+    writer.writerow(SUBMISSION_HEADER)
     writer.writerows((image_id, f"{prob:.6f}") for image_id, prob in rows)
 
 
@@ -187,8 +189,20 @@ def probability(text: str) -> float:
     return value
 
 
+def written_by_predict(path: Path) -> bool:
+    """Whether `path` starts with the header of a CSV this tool writes."""
+    try:
+        with path.open("rb") as handle:
+            first = handle.readline(256)
+    except OSError:
+        return False
+    fields = tuple(first.rstrip(b"\r\n").decode("ascii", errors="replace").split(","))
+    return fields in (PREDICTIONS_HEADER, SUBMISSION_HEADER)
+
+
 def refuse_unsafe_output(out: Path, reads: Iterable[Path]) -> None:
-    """`--out` must be a new or CSV file, never a folder or one of the files it reads.
+    """`--out` must be a new file or a CSV this tool wrote, never a folder or one of the files
+    it reads: one slip (`--out params.yaml`) must not replace a file.
 
     Paths are compared resolved: a link `x.jpg` in a folder given may point to `data.csv`."""
     if out.is_dir():
@@ -198,6 +212,11 @@ def refuse_unsafe_output(out: Path, reads: Iterable[Path]) -> None:
     resolved = out.resolve()
     if is_image_name(out) or any(resolved == p.resolve() for p in reads):
         sys.exit(f"predict: --out {out} would overwrite a file it reads; give a new .csv file")
+    if out.exists() and not written_by_predict(out):
+        sys.exit(
+            f"predict: --out {out} exists and is not a CSV that predict wrote; "
+            "give a new file name, or remove it first"
+        )
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
