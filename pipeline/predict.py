@@ -17,6 +17,7 @@ import os
 import re
 import sys
 import tempfile
+import zipfile
 from collections.abc import Collection, Iterable, Sequence
 from functools import partial
 from pathlib import Path
@@ -125,6 +126,15 @@ def check_classifier(model: keras.Model, reference: str) -> keras.Model:
     return model
 
 
+def is_keras_archive(path: Path) -> bool:
+    """Whether `path` is a zip with a model's `config.json`, as Keras saves a `.keras` file."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return "config.json" in archive.namelist()
+    except (zipfile.BadZipFile, OSError):
+        return False
+
+
 def load_model(reference: str) -> keras.Model:
     """A `.keras` file, or a model from MLflow by URI (`models:/name@alias`, `runs:/...`)."""
     import keras
@@ -142,6 +152,12 @@ def load_model(reference: str) -> keras.Model:
             sys.exit(f"predict: cannot load {reference} from MLflow: {error.message}")
     if not Path(reference).is_file():
         sys.exit(f"predict: model {reference} not found; train it with `dvc repro` first")
+    if Path(reference).suffix == ".keras" and not is_keras_archive(Path(reference)):
+        # Keras itself says "File not found" for these.
+        sys.exit(
+            f"predict: {reference} is not a Keras model file (not a .keras zip holding "
+            "config.json); use models/cnn.keras, models/transfer.keras or models/finetuned.keras"
+        )
     try:
         return keras.models.load_model(reference)
     except (ValueError, OSError, TypeError) as error:

@@ -126,8 +126,30 @@ def test_predict_refuses_a_model_that_does_not_classify_images(tmp_path):
     write_kaggle_tree(tmp_path / "photos", per_class=1)
     with pytest.raises(SystemExit, match=r"not images to P\(dog\)"):
         main(["--model", str(head), str(tmp_path / "photos")])
-    with pytest.raises(SystemExit, match=r"cannot load .* as a Keras model"):
+    with pytest.raises(SystemExit, match=r"text\.keras is not a Keras model file"):
         main(["--model", str(tmp_path / "text.keras"), str(tmp_path / "photos")])
+
+
+@pytest.mark.parametrize(
+    "content",
+    [bytes(range(256)) * 8, b"", "zip"],
+    ids=["random-bytes", "empty", "zip-without-a-model"],
+)
+def test_a_garbage_keras_file_is_named_as_such_not_as_missing(tmp_path, content):
+    import zipfile
+
+    garbage = tmp_path / "model.keras"
+    if content == "zip":
+        with zipfile.ZipFile(garbage, "w") as zf:
+            zf.writestr("notes.txt", "hello")
+    else:
+        garbage.write_bytes(content)
+    write_kaggle_tree(tmp_path / "photos", per_class=1)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--model", str(garbage), str(tmp_path / "photos")])
+    message = str(exit_info.value.code)
+    assert message.startswith(f"predict: {garbage} is not a Keras model file")
+    assert "not found" not in message and "\n" not in message
 
 
 @pytest.mark.parametrize("option", [["--batch-size", "0"], ["--threshold", "2"]])
