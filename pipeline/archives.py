@@ -1,8 +1,9 @@
 """Safe extraction of `.zip` and `.tar(.gz)` archives.
 
 Entries that would land outside the target folder (`../`, absolute paths), links and
-device files are refused, and the number and total size of entries are bounded, so a
-hostile or broken archive cannot write anywhere but the staging folder it is given.
+device files are refused, and the number of entries, their sizes and how far they expand are
+bounded, so a hostile or broken archive cannot write anywhere but the staging folder it is
+given, nor fill the disk from a few megabytes (a zip bomb).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import shutil
 import tarfile
 import zipfile
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
 
 from tqdm import tqdm
@@ -22,6 +23,11 @@ ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz")
 # archive with its test set while stopping zip bombs.
 MAX_ENTRIES = 200_000
 MAX_TOTAL_BYTES = 20 * 1024**3
+MAX_ENTRY_BYTES = 4 * 1024**3  # the largest real entry is Kaggle's inner train.zip, 545 MB
+# JPEGs barely compress and Kaggle's CSVs deflate about 5x, while zeros deflate 1000x. Under
+# the floor nothing is refused for its ratio: a few KB of text may well deflate 100x.
+MAX_RATIO = 100
+RATIO_FLOOR = 1024**2
 COPY_CHUNK = 1024 * 1024
 
 
@@ -37,6 +43,20 @@ class UnsafeArchiveError(ArchiveError):
 class Limits:
     max_entries: int = MAX_ENTRIES
     max_total_bytes: int = MAX_TOTAL_BYTES
+    max_entry_bytes: int = MAX_ENTRY_BYTES
+    max_ratio: float = MAX_RATIO
+
+    def entry_budget(self, name: str, size: int, compressed: int) -> int:
+        """The most bytes entry `name` may write, checking what its header declares first:
+        `size` bytes from `compressed` ones (which the caller caps at the archive's size, so a
+        header claiming a large compressed size cannot hide a bomb)."""
+        if size > self.max_entry_bytes:
+            raise UnsafeArchiveError(
+                f"refusing {name!r}: it would extract to {size} bytes, more than "
+                f"{self.max_entry_bytes} bytes for one entry"
+            )
+        check_ratio(repr(name), size, compressed, self)
+        return min(self.max_entry_bytes, max(RATIO_FLOOR, int(self.max_ratio * compressed)))
 
 
 def is_archive(path: Path) -> bool:
@@ -58,6 +78,14 @@ def safe_member_path(name: str) -> PurePosixPath:
     return path
 
 
+def check_ratio(what: str, size: int, compressed: int, limits: Limits) -> None:
+    if size > RATIO_FLOOR and size > limits.max_ratio * compressed:
+        raise UnsafeArchiveError(
+            f"refusing {what}: it expands {size / max(compressed, 1):.0f}x ({compressed} bytes "
+            f"to {size}), more than {limits.max_ratio:.0f}x: a zip bomb?"
+        )
+
+
 def _check_totals(count: int, total: int, limits: Limits) -> None:
     if count > limits.max_entries:
         raise UnsafeArchiveError(f"archive has more than {limits.max_entries} entries")
@@ -67,14 +95,16 @@ def _check_totals(count: int, total: int, limits: Limits) -> None:
         )
 
 
-def _copy_bounded(source, target: Path, budget: int) -> int:
+def _copy_bounded(source, target: Path, budget: int, name: str) -> int:
     """Copies at most `budget` bytes; the declared sizes of an archive can lie."""
     written = 0
     with target.open("wb") as out:
         while chunk := source.read(COPY_CHUNK):
             written += len(chunk)
             if written > budget:
-                raise UnsafeArchiveError("archive extracts to more bytes than it declares")
+                raise UnsafeArchiveError(
+                    f"refusing {name!r}: it extracts to more than the {budget} bytes allowed"
+                )
             out.write(chunk)
     return written
 
@@ -82,7 +112,15 @@ def _copy_bounded(source, target: Path, budget: int) -> int:
 def extract_zip(archive: Path, target: Path, limits: Limits = Limits()) -> int:
     with zipfile.ZipFile(archive) as zf:
         members = zf.infolist()
-        _check_totals(len(members), sum(m.file_size for m in members), limits)
+        total = sum(m.file_size for m in members)
+        _check_totals(len(members), total, limits)
+        # Checked before anything is written; the budgets hold again while streaming.
+        compressed = archive.stat().st_size
+        budgets = {
+            m: limits.entry_budget(m.filename, m.file_size, min(m.compress_size, compressed))
+            for m in members
+        }
+        check_ratio(archive.name, total, compressed, limits)  # many entries, each under 1 MiB
         budget = limits.max_total_bytes
         for member in tqdm(members, desc=f"extract {archive.name}", unit="file", mininterval=2):
             relative = safe_member_path(member.filename)
@@ -97,14 +135,21 @@ def extract_zip(archive: Path, target: Path, limits: Limits = Limits()) -> int:
                 continue
             destination.parent.mkdir(parents=True, exist_ok=True)
             with zf.open(member) as source:
-                budget -= _copy_bounded(source, destination, budget)
+                allowed = min(budget, budgets[member])
+                budget -= _copy_bounded(source, destination, allowed, member.filename)
     return len(members)
 
 
 def extract_tar(archive: Path, target: Path, limits: Limits = Limits()) -> int:
     with tarfile.open(archive) as tf:
         members = tf.getmembers()
-        _check_totals(len(members), sum(m.size for m in members), limits)
+        total = sum(m.size for m in members)
+        _check_totals(len(members), total, limits)
+        # A .tar.gz is compressed as one stream: no entry takes more than the whole archive.
+        compressed = archive.stat().st_size
+        for member in members:
+            limits.entry_budget(member.name, member.size, compressed)
+        check_ratio(archive.name, total, compressed, limits)
         budget = limits.max_total_bytes
         for member in tqdm(members, desc=f"extract {archive.name}", unit="file", mininterval=2):
             relative = safe_member_path(member.name)
@@ -120,8 +165,8 @@ def extract_tar(archive: Path, target: Path, limits: Limits = Limits()) -> int:
             source = tf.extractfile(member)
             if source is None:
                 raise UnsafeArchiveError(f"cannot read archive entry {member.name!r}")
-            with source:
-                budget -= _copy_bounded(source, destination, budget)
+            with source:  # tarfile reads exactly the size the header declares, never more
+                budget -= _copy_bounded(source, destination, budget, member.name)
     return len(members)
 
 
@@ -184,7 +229,11 @@ def extract_nested(target: Path, limits: Limits = Limits()) -> list[Path]:
         folder = inner.with_name(archive_stem(inner.name))
         staging = inner.with_name(f".{inner.name}.extracting")
         entries, size = tree_size(target)
-        remaining = Limits(limits.max_entries - entries, limits.max_total_bytes - size)
+        remaining = replace(
+            limits,
+            max_entries=limits.max_entries - entries,
+            max_total_bytes=limits.max_total_bytes - size,
+        )
         extract(inner, staging, remaining)
         inner.unlink()
         # A zip of `train/` holds `train/...`: do not nest it as `train/train/...`.

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import stat
 import sys
 from collections import Counter
 from dataclasses import dataclass
@@ -193,10 +194,54 @@ def fetch_kaggle(competition: str) -> Path:
         raise DownloadError(kaggle_error_help(competition, error)) from None
 
 
-def populate_raw(source: Path, staging: Path) -> None:
-    """Copies or extracts `source` into the empty `staging` folder, leaving `source` untouched."""
+def link_reason(path: Path) -> str:
+    return f"a link to {os.readlink(path)}; only regular files inside the folder are copied"
+
+
+def copy_regular_file(path: Path, destination: Path) -> str | None:
+    """Copies `path` if it is a regular file; else returns why not, reading nothing."""
+    if path.is_symlink():
+        return link_reason(path)
+    try:
+        # No following a link made since the check; no blocking on a FIFO.
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | os.O_NONBLOCK)
+    except OSError as error:
+        return f"cannot read it ({error.strerror})"
+    with os.fdopen(fd, "rb") as reader:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return "not a regular file (a FIFO, socket or device)"
+        with destination.open("xb") as writer:
+            shutil.copyfileobj(reader, writer)
+    return None
+
+
+def copy_folder(source: Path, staging: Path) -> list[tuple[Path, str]]:
+    """Copies the regular files below `source` into `staging`, keeping the tree, and returns
+    `(path, reason)` for what it skipped: links to files or folders, inside `source` or out
+    (one to /etc/passwd would otherwise land in the raw data and `dvc push`), and special
+    files. Nothing outside `source` is read."""
+    skipped: list[tuple[Path, str]] = []
+    for folder, dirnames, filenames in os.walk(source):  # does not descend into linked folders
+        here = Path(folder)
+        target = staging / here.relative_to(source)
+        target.mkdir(parents=True, exist_ok=True)
+        for name in sorted(dirnames):
+            if (here / name).is_symlink():
+                dirnames.remove(name)
+                skipped.append((here / name, link_reason(here / name)))
+        dirnames.sort()
+        for name in sorted(filenames):
+            if reason := copy_regular_file(here / name, target / name):
+                skipped.append((here / name, reason))
+    return sorted(skipped)
+
+
+def populate_raw(source: Path, staging: Path) -> list[tuple[Path, str]]:
+    """Copies or extracts `source` into the empty `staging` folder, leaving `source` untouched;
+    returns the files of a folder that were not copied, with the reason for each."""
+    skipped: list[tuple[Path, str]] = []
     if source.is_dir():
-        shutil.copytree(source, staging, dirs_exist_ok=True)
+        skipped = copy_folder(source, staging)
     elif source.is_file() and archives.is_archive(source):
         archives.extract(source, staging)
     else:
@@ -204,6 +249,7 @@ def populate_raw(source: Path, staging: Path) -> None:
             f"{source} is not a folder or a .zip/.tar/.tar.gz archive.\n{LAYOUT_HELP}"
         )
     archives.extract_nested(staging)
+    return skipped
 
 
 def resolve_local_path(cfg: DownloadConfig, raw: Path) -> Path:
@@ -241,13 +287,22 @@ def main() -> None:
         try:
             source = acquire(cfg.download, raw)
             with atomic_dir(raw) as staging:
-                populate_raw(source, staging)
+                skipped = populate_raw(source, staging)
+                for path, reason in skipped:
+                    print(f"download: skipped {path}: {reason}", file=sys.stderr)
                 summary = detect_layout(staging)
         except (DownloadError, archives.ArchiveError) as error:
             mlflow.set_tag("error", str(error)[:5000])
             sys.exit(f"download: {error}")
-        write_json(report, {"source": cfg.download.source, **summary.as_dict()})
-        mlflow.log_metrics({"raw_images": summary.images, "raw_unlabeled": summary.unlabeled})
+        counts = {**summary.as_dict(), "skipped": len(skipped)}
+        write_json(report, {"source": cfg.download.source, **counts})
+        mlflow.log_metrics(
+            {
+                "raw_images": summary.images,
+                "raw_unlabeled": summary.unlabeled,
+                "raw_skipped": len(skipped),
+            }
+        )
         mlflow.log_metrics({f"raw_{name}": count for name, count in summary.per_class.items()})
         mlflow.log_artifact(str(report))
     print(

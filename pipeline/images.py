@@ -7,7 +7,8 @@ Labels follow the folder or file name, whichever layout the images come in: Kagg
 from __future__ import annotations
 
 import io
-import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,6 +62,19 @@ def find_labeled_images(root: Path) -> tuple[list[LabeledImage], list[Path]]:
     return labeled, unlabeled
 
 
+@contextmanager
+def _pillow_bomb_check_off() -> Iterator[None]:
+    """Pillow's own check refuses a bomb without saying its size; `inspect_image` checks the
+    size itself, against a lower limit, before decoding. Pillow's limit is a module global:
+    this is for the one thread that inspects images in each process (split, predict)."""
+    saved = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None
+    try:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved
+
+
 def inspect_image(data: bytes) -> tuple[str | None, bool]:
     """Checks encoded image bytes by decoding them fully.
 
@@ -71,15 +85,14 @@ def inspect_image(data: bytes) -> tuple[str | None, bool]:
     if not data:
         return "empty file", False
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as image:
-                width, height = image.size
-                if width * height > MAX_IMAGE_PIXELS:
-                    return f"too large ({width}x{height} pixels)", False
-                image_format, mode = image.format, image.mode
-                image.load()
-    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning):
+        with _pillow_bomb_check_off(), Image.open(io.BytesIO(data)) as image:
+            # Opening reads only the header: the size is known before any pixel is decoded.
+            width, height = image.size
+            if width * height > MAX_IMAGE_PIXELS:
+                return f"too many pixels: {width}x{height}, limit {MAX_IMAGE_PIXELS}", False
+            image_format, mode = image.format, image.mode
+            image.load()
+    except UnidentifiedImageError:
         return "not a readable image", False
     except (OSError, SyntaxError, ValueError) as error:
         return f"corrupt image ({error})", False

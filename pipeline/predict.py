@@ -17,6 +17,7 @@ import os
 import re
 import sys
 import tempfile
+import zipfile
 from collections.abc import Collection, Iterable, Sequence
 from functools import partial
 from pathlib import Path
@@ -37,6 +38,8 @@ if TYPE_CHECKING:  # TensorFlow, Keras and MLflow are imported where used: `--he
     import numpy as np
 
 DEFAULT_BATCH = 32
+PREDICTIONS_HEADER = ("file", "prob_dog", "label")
+SUBMISSION_HEADER = ("id", "label")
 
 
 def collect_inputs(
@@ -123,6 +126,15 @@ def check_classifier(model: keras.Model, reference: str) -> keras.Model:
     return model
 
 
+def is_keras_archive(path: Path) -> bool:
+    """Whether `path` is a zip with a model's `config.json`, as Keras saves a `.keras` file."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return "config.json" in archive.namelist()
+    except (zipfile.BadZipFile, OSError):
+        return False
+
+
 def load_model(reference: str) -> keras.Model:
     """A `.keras` file, or a model from MLflow by URI (`models:/name@alias`, `runs:/...`)."""
     import keras
@@ -140,6 +152,12 @@ def load_model(reference: str) -> keras.Model:
             sys.exit(f"predict: cannot load {reference} from MLflow: {error.message}")
     if not Path(reference).is_file():
         sys.exit(f"predict: model {reference} not found; train it with `dvc repro` first")
+    if Path(reference).suffix == ".keras" and not is_keras_archive(Path(reference)):
+        # Keras itself says "File not found" for these.
+        sys.exit(
+            f"predict: {reference} is not a Keras model file (not a .keras zip holding "
+            "config.json); use models/cnn.keras, models/transfer.keras or models/finetuned.keras"
+        )
     try:
         return keras.models.load_model(reference)
     except (ValueError, OSError, TypeError) as error:
@@ -148,7 +166,7 @@ def load_model(reference: str) -> keras.Model:
 
 def write_predictions(out, files: list[Path], probs: np.ndarray, threshold: float) -> None:
     writer = csv.writer(out)
-    writer.writerow(["file", "prob_dog", "label"])
+    writer.writerow(PREDICTIONS_HEADER)
     for path, prob in zip(files, probs, strict=True):
         writer.writerow([path.as_posix(), f"{prob:.6f}", label_of_probability(prob, threshold)])
 
@@ -176,7 +194,7 @@ def submission_rows(
 
 def write_submission(out, rows: list[tuple[int, float]]) -> None:
     writer = csv.writer(out)
-    writer.writerow(["id", "label"])
+    writer.writerow(SUBMISSION_HEADER)
     writer.writerows((image_id, f"{prob:.6f}") for image_id, prob in rows)
 
 
@@ -187,8 +205,20 @@ def probability(text: str) -> float:
     return value
 
 
+def written_by_predict(path: Path) -> bool:
+    """Whether `path` starts with the header of a CSV this tool writes."""
+    try:
+        with path.open("rb") as handle:
+            first = handle.readline(256)
+    except OSError:
+        return False
+    fields = tuple(first.rstrip(b"\r\n").decode("ascii", errors="replace").split(","))
+    return fields in (PREDICTIONS_HEADER, SUBMISSION_HEADER)
+
+
 def refuse_unsafe_output(out: Path, reads: Iterable[Path]) -> None:
-    """`--out` must be a new or CSV file, never a folder or one of the files it reads.
+    """`--out` must be a new file or a CSV this tool wrote, never a folder or one of the files
+    it reads: one slip (`--out params.yaml`) must not replace a file.
 
     Paths are compared resolved: a link `x.jpg` in a folder given may point to `data.csv`."""
     if out.is_dir():
@@ -198,6 +228,11 @@ def refuse_unsafe_output(out: Path, reads: Iterable[Path]) -> None:
     resolved = out.resolve()
     if is_image_name(out) or any(resolved == p.resolve() for p in reads):
         sys.exit(f"predict: --out {out} would overwrite a file it reads; give a new .csv file")
+    if out.exists() and not written_by_predict(out):
+        sys.exit(
+            f"predict: --out {out} exists and is not a CSV that predict wrote; "
+            "give a new file name, or remove it first"
+        )
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

@@ -151,6 +151,20 @@ def summarize(splits: dict[str, list[LabeledImage]], skipped: int, reencoded: in
     }
 
 
+def why_skipped(skipped: list[Verdict], total: int, root: Path) -> str:
+    """Why images were left out, for the error when too few are left: the most common
+    reasons with their counts, and one example in full."""
+    if not skipped:
+        return ""
+    kinds = Counter(str(v.problem).split(":")[0].split(" (")[0] for v in skipped)
+    counts = ", ".join(f"{n} {kind}" for kind, n in kinds.most_common(3))
+    first = skipped[0]
+    return (
+        f"; {len(skipped)} of {total} images are unusable ({counts}), e.g. "
+        f"{first.image.path.relative_to(root).as_posix()}: {first.problem}"
+    )
+
+
 def write_skipped(path: Path, verdicts: list[Verdict], root: Path) -> None:
     with atomic_file(path) as staging, staging.open("w", newline="") as handle:
         writer = csv.writer(handle)
@@ -171,7 +185,7 @@ def main() -> None:
         try:
             splits = split_files(usable, cfg.split, cfg.common.seed)
         except ValueError as error:
-            sys.exit(f"split: {error}")
+            sys.exit(f"split: {error}{why_skipped(skipped, len(labeled), cfg.paths.raw)}")
         summary = summarize(splits, len(skipped), len(reencode))
         summary["unlabeled"] = len(unlabeled)
         # The split and its reports replace the previous ones together, or none of them does.

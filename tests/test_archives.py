@@ -184,3 +184,74 @@ def test_non_archives_are_rejected(tmp_path: Path) -> None:
     (tmp_path / "x.zip").write_bytes(b"not a zip")
     with pytest.raises(ValueError, match="neither a zip nor a tar"):
         extract(tmp_path / "x.zip", tmp_path / "out")
+
+
+def zip_of_zeros(path: Path, name: str, size: int) -> Path:
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr(name, bytes(size))
+    return path
+
+
+def test_a_zip_bomb_is_refused_by_its_ratio_before_anything_is_written(tmp_path: Path) -> None:
+    bomb = zip_of_zeros(tmp_path / "bomb.zip", "train/cat.1.jpg", 64 * 1024**2)
+    assert bomb.stat().st_size < 100 * 1024  # 64 MiB of zeros deflate to about 64 KiB
+    with pytest.raises(UnsafeArchiveError) as refused:
+        extract(bomb, tmp_path / "out")
+    message = str(refused.value)
+    assert "\n" not in message
+    assert re.search(r"'train/cat\.1\.jpg': it expands \d+x", message), message
+    assert not list((tmp_path / "out").rglob("*.jpg"))
+
+
+def test_one_entry_larger_than_the_entry_limit_is_refused(tmp_path: Path) -> None:
+    archive = make_zip(tmp_path / "big.zip", {"train/cat.1.jpg": bytes(range(256)) * 8})
+    with pytest.raises(UnsafeArchiveError, match=r"'train/cat\.1\.jpg': .* more than 1000 bytes"):
+        extract(archive, tmp_path / "out", Limits(max_entry_bytes=1000))
+
+
+def zip_claiming_a_compressed_size(path: Path, claimed: int, actual: int) -> Path:
+    """A zip of `actual` zero bytes whose headers claim they take `claimed` bytes compressed,
+    so that the declared ratio looks harmless."""
+    import struct
+
+    zip_of_zeros(path, "train/cat.1.jpg", actual)
+    data = bytearray(path.read_bytes())
+    struct.pack_into("<I", data, data.index(b"PK\x03\x04") + 18, claimed)  # local header
+    struct.pack_into("<I", data, data.index(b"PK\x01\x02") + 20, claimed)  # central directory
+    path.write_bytes(bytes(data))
+    return path
+
+
+def test_a_zip_that_lies_about_its_compressed_size_is_still_a_bomb(tmp_path: Path) -> None:
+    archive = zip_claiming_a_compressed_size(tmp_path / "liar.zip", 2**31, 64 * 1024**2)
+    with pytest.raises(UnsafeArchiveError, match=r"'train/cat\.1\.jpg': it expands \d+x"):
+        extract(archive, tmp_path / "out")
+    assert not list((tmp_path / "out").rglob("*.jpg"))
+
+
+def test_a_tar_gz_bomb_is_refused_by_its_ratio(tmp_path: Path) -> None:
+    info = tarfile.TarInfo("PetImages/Cat/1.jpg")
+    info.size = 64 * 1024**2
+    bomb = make_tar(tmp_path / "bomb.tar.gz", [info], bytes(info.size))
+    with pytest.raises(UnsafeArchiveError, match=r"'PetImages/Cat/1\.jpg': it expands \d+x"):
+        extract(bomb, tmp_path / "out")
+    assert not list((tmp_path / "out").rglob("*.jpg"))
+
+
+def test_real_photos_and_small_text_files_are_within_the_ratio(tmp_path: Path) -> None:
+    from tests.conftest import jpeg_bytes, photo
+
+    entries = {f"train/cat.{i}.jpg": jpeg_bytes(photo(0, i)) for i in range(3)}
+    entries["sampleSubmission.csv"] = b"id,label\n" + b"".join(b"%d,0\n" % i for i in range(12500))
+    with zipfile.ZipFile(tmp_path / "ok.zip", "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        for name, data in entries.items():
+            zf.writestr(name, data)
+    assert extract(tmp_path / "ok.zip", tmp_path / "out") == 4
+
+
+def test_many_small_entries_that_expand_together_are_refused(tmp_path: Path) -> None:
+    with zipfile.ZipFile(tmp_path / "many.zip", "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        for i in range(40):
+            zf.writestr(f"train/cat.{i}.jpg", bytes(512 * 1024))  # each under the ratio floor
+    with pytest.raises(UnsafeArchiveError, match=r"refusing many\.zip: it expands \d+x"):
+        extract(tmp_path / "many.zip", tmp_path / "out")

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.config import ConfigError, flatten, load_config, parse_config
+from pipeline.config import ConfigError, flatten, load_config, load_config_or_exit, parse_config
 from tests.conftest import REPO_ROOT
 
 
@@ -129,3 +129,14 @@ def test_flatten_uses_dotted_names_like_dvc(repo_config) -> None:
     flat = flatten({"head": repo_config.head.model_dump(mode="json")})
     assert flat["head.learning_rate"] == 0.0001
     assert all(name.startswith("head.") for name in flat)
+
+
+@pytest.mark.parametrize("renamed", [False, True], ids=["added-beside", "instead-of"])
+def test_a_misspelt_top_level_section_is_refused_by_name(raw_params, tmp_path, renamed) -> None:
+    raw_params["trian_cnn"] = {"epochs": 1}
+    if renamed:
+        raw_params["trian_cnn"] = raw_params.pop("train_cnn")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw_params))
+    with pytest.raises(SystemExit) as exit_info:
+        load_config_or_exit(tmp_path / "params.yaml")
+    assert "  - trian_cnn: unknown key (a typo?)" in str(exit_info.value.code)

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import hashlib
+import json
+import os
 import shutil
 import tarfile
 from pathlib import Path
@@ -17,7 +19,7 @@ from pipeline.download import (
     fetch_kaggle,
     populate_raw,
 )
-from tests.conftest import set_params, write_petimages_tree
+from tests.conftest import set_params, write_kaggle_tree, write_petimages_tree
 from tests.http_fixture import Served, serve
 
 
@@ -274,3 +276,53 @@ def test_a_corrupt_archive_exits_clearly_and_keeps_the_previous_raw_data(
         p.relative_to(stage_workspace) for p in (stage_workspace / "data/raw").rglob("*")
     )
     assert after == before and before
+
+
+def test_links_in_a_local_folder_are_skipped_and_nothing_outside_is_read(tmp_path: Path) -> None:
+    source = tmp_path / "src"
+    write_kaggle_tree(source, per_class=3)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret.txt").write_text("planted-secret")
+    (outside / "dog.7.jpg").write_bytes(b"outside image")
+    (source / "train" / "cat.999.jpg").symlink_to(outside / "secret.txt")
+    (source / "train" / "etc").symlink_to(outside, target_is_directory=True)
+    (source / "train" / "dog.0-copy.jpg").symlink_to(source / "train" / "dog.0.jpg")
+    os.mkfifo(source / "train" / "cat.998.jpg")  # reading it would wait forever
+    raw = tmp_path / "raw"
+    raw.mkdir()
+
+    skipped = populate_raw(source, raw)
+
+    reasons = {path.relative_to(source).as_posix(): reason for path, reason in skipped}
+    assert reasons.pop("train/cat.998.jpg") == "not a regular file (a FIFO, socket or device)"
+    assert sorted(reasons) == ["train/cat.999.jpg", "train/dog.0-copy.jpg", "train/etc"]
+    assert all("link" in reason and "\n" not in reason for reason in reasons.values())
+    copied = sorted(p.relative_to(raw).as_posix() for p in raw.rglob("*"))
+    images = sorted(f"train/{name}.{i}.jpg" for name in ("cat", "dog") for i in range(3))
+    assert copied == ["train", *images]
+    assert not any(p.is_symlink() for p in raw.rglob("*"))
+    assert all(b"planted-secret" not in p.read_bytes() for p in raw.rglob("*") if p.is_file())
+    assert detect_layout(raw).per_class == {"cats": 3, "dogs": 3}
+
+
+def test_the_download_stage_names_each_skipped_link_on_one_line(
+    stage_workspace, tmp_path, capsys
+) -> None:
+    source = tmp_path / "folder"
+    write_kaggle_tree(source, per_class=3)
+    (source / "train" / "cat.999.jpg").symlink_to("/etc/passwd")
+    set_params(stage_workspace, "download", local_path=str(source))
+
+    download.main()
+
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if "cat.999.jpg" in line]
+    assert lines == [
+        f"download: skipped {source / 'train' / 'cat.999.jpg'}: a link to /etc/passwd; "
+        "only regular files inside the folder are copied"
+    ]
+    raw = stage_workspace / "data/raw"
+    assert not (raw / "train" / "cat.999.jpg").exists()
+    summary = json.loads((stage_workspace / "reports/download/summary.json").read_text())
+    assert summary["skipped"] == 1

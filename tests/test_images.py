@@ -8,6 +8,7 @@ import pytest
 from PIL import Image
 
 from pipeline.images import (
+    MAX_IMAGE_PIXELS,
     find_labeled_images,
     inspect_image,
     label_of,
@@ -68,10 +69,38 @@ def test_unusable_images_get_a_reason(data: bytes, reason: str) -> None:
     assert problem is not None and problem.startswith(reason)
 
 
-def test_decompression_bombs_are_refused() -> None:
-    huge = encoded(Image.new("L", (8000, 6000)), "PNG")
-    problem, _ = inspect_image(huge)
-    assert problem is not None and "too large" in problem
+def png_header(width: int, height: int) -> bytes:
+    """A PNG that declares `width` x `height` pixels and holds almost none: a bomb's header."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        crc = zlib.crc32(kind + body)
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", crc)
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+        + chunk(b"IEND", b"")
+    )
+
+
+@pytest.mark.parametrize(
+    ("data", "size"),
+    [
+        (encoded(Image.new("L", (8000, 6000)), "PNG"), "8000x6000"),
+        (png_header(60000, 60000), "60000x60000"),  # past Pillow's own bomb limit
+        (png_header(20000, 10000), "20000x10000"),  # past Pillow's warning, under its error
+    ],
+    ids=["real-48-megapixels", "declared-3.6-gigapixels", "declared-200-megapixels"],
+)
+def test_decompression_bombs_are_named_with_their_size(data: bytes, size: str) -> None:
+    pillow_limit = Image.MAX_IMAGE_PIXELS
+    problem, _ = inspect_image(data)
+    assert problem == f"too many pixels: {size}, limit {MAX_IMAGE_PIXELS}"
+    assert pillow_limit == Image.MAX_IMAGE_PIXELS  # Pillow's own check is back on for others
 
 
 @pytest.mark.parametrize(

@@ -109,12 +109,12 @@ def test_predict_refuses_outputs_that_would_overwrite_an_input(tmp_path, model_p
 def test_predict_refuses_an_out_that_an_image_link_in_a_folder_points_to(tmp_path, model_path):
     """Only the link's name is an image's: `--out` is compared with the file it points to."""
     write_kaggle_tree(tmp_path / "photos", per_class=1)
-    target = tmp_path / "notes.csv"
-    target.write_text("mine\n")
+    target = tmp_path / "old-predictions.csv"
+    target.write_bytes(b"file,prob_dog,label\r\n")  # one predict wrote: it may be replaced...
     (tmp_path / "photos/train/x.jpg").symlink_to(target)
-    with pytest.raises(SystemExit, match="would overwrite a file it reads"):
+    with pytest.raises(SystemExit, match="would overwrite a file it reads"):  # ...but not read
         main(["--model", str(model_path), str(tmp_path / "photos"), "--out", str(target)])
-    assert target.read_text() == "mine\n"
+    assert target.read_bytes() == b"file,prob_dog,label\r\n"
 
 
 def test_predict_refuses_a_model_that_does_not_classify_images(tmp_path):
@@ -126,8 +126,30 @@ def test_predict_refuses_a_model_that_does_not_classify_images(tmp_path):
     write_kaggle_tree(tmp_path / "photos", per_class=1)
     with pytest.raises(SystemExit, match=r"not images to P\(dog\)"):
         main(["--model", str(head), str(tmp_path / "photos")])
-    with pytest.raises(SystemExit, match=r"cannot load .* as a Keras model"):
+    with pytest.raises(SystemExit, match=r"text\.keras is not a Keras model file"):
         main(["--model", str(tmp_path / "text.keras"), str(tmp_path / "photos")])
+
+
+@pytest.mark.parametrize(
+    "content",
+    [bytes(range(256)) * 8, b"", "zip"],
+    ids=["random-bytes", "empty", "zip-without-a-model"],
+)
+def test_a_garbage_keras_file_is_named_as_such_not_as_missing(tmp_path, content):
+    import zipfile
+
+    garbage = tmp_path / "model.keras"
+    if content == "zip":
+        with zipfile.ZipFile(garbage, "w") as zf:
+            zf.writestr("notes.txt", "hello")
+    else:
+        garbage.write_bytes(content)
+    write_kaggle_tree(tmp_path / "photos", per_class=1)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--model", str(garbage), str(tmp_path / "photos")])
+    message = str(exit_info.value.code)
+    assert message.startswith(f"predict: {garbage} is not a Keras model file")
+    assert "not found" not in message and "\n" not in message
 
 
 @pytest.mark.parametrize("option", [["--batch-size", "0"], ["--threshold", "2"]])
@@ -166,3 +188,38 @@ def test_tta_gives_the_mean_of_each_image_and_its_mirror(tmp_path, model_path):
         image = np.asarray(load_image(file, (32, 32)))
         mirrored = float(model.predict(image[None, :, ::-1], verbose=0)[0, 0])
         assert averaged == pytest.approx((runs["plain"][file] + mirrored) / 2, abs=2e-6)
+
+
+@pytest.mark.parametrize(
+    ("name", "content"),
+    [
+        ("params.yaml", "common:\n  seed: 42\n"),
+        ("notes.csv", "name,score\nrex,3\n"),  # a CSV, but not one predict wrote
+        ("empty.csv", ""),
+        ("photo.csv", "\xff\xd8\xff\xe0 not text"),
+    ],
+    ids=["yaml", "someone-elses-csv", "empty", "binary"],
+)
+def test_predict_never_overwrites_a_file_it_did_not_write(tmp_path, model_path, name, content):
+    write_kaggle_tree(tmp_path / "photos", per_class=1)
+    out = tmp_path / name
+    out.write_text(content, encoding="latin-1")
+    before = out.read_bytes()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--model", str(model_path), str(tmp_path / "photos"), "--out", str(out)])
+    message = str(exit_info.value.code)
+    assert message == (
+        f"predict: --out {out} exists and is not a CSV that predict wrote; "
+        "give a new file name, or remove it first"
+    )
+    assert out.read_bytes() == before
+
+
+@pytest.mark.parametrize("header", ["file,prob_dog,label", "id,label"])
+def test_predict_replaces_a_csv_it_wrote_before(tmp_path, model_path, header):
+    write_kaggle_tree(tmp_path / "photos", per_class=1)
+    out = tmp_path / "old.csv"
+    out.write_bytes(f"{header}\r\nsomething,0.5,cat\r\n".encode())
+    main(["--model", str(model_path), str(tmp_path / "photos"), "--out", str(out)])
+    rows = list(csv.DictReader(out.open()))
+    assert len(rows) == 2 and set(rows[0]) == {"file", "prob_dog", "label"}

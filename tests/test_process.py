@@ -86,3 +86,35 @@ def test_predict_help_keeps_the_examples_and_shows_defaults() -> None:
     words = " ".join(shown.split())  # however argparse wrapped them
     assert "(default: 0.5)" in words and "(default: 32)" in words
     assert "(default: None)" not in words and "(default: False)" not in words
+
+
+def test_ctrl_c_prints_one_line_and_exits_130(unfrozen, capsys) -> None:
+    def main() -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(SystemExit) as exit_info:
+        process.run(main)
+    assert exit_info.value.code == 130
+    assert capsys.readouterr().err == "test_process: interrupted\n"
+
+
+def test_a_stage_interrupted_by_sigint_exits_without_a_traceback(tmp_path) -> None:
+    import signal
+
+    script = tmp_path / "slow_stage.py"
+    script.write_text(
+        "import time\n"
+        "from pipeline import process\n"
+        "def main():\n"
+        "    print('ready', flush=True)\n"
+        "    time.sleep(60)\n"
+        "process.run(main)\n"
+    )
+    child = subprocess.Popen(
+        [sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    assert child.stdout.readline() == "ready\n"
+    child.send_signal(signal.SIGINT)  # what Ctrl-C sends
+    _, err = child.communicate(timeout=30)
+    assert child.returncode == 130
+    assert err == "slow_stage: interrupted\n"

@@ -168,3 +168,13 @@ def test_the_readme_runs_as_written_on_a_fresh_clone(tmp_path: Path) -> None:
     assert (repo / "submission.csv").read_text().splitlines()[0] == "id,label"
     # 3 GB that pytest would keep with its last three temporary folders; kept on failure.
     shutil.rmtree(repo / ".venv")
+
+
+def test_every_guarantee_names_a_test_that_exists() -> None:
+    """The README's Guarantees list promises only what a test in the repository proves."""
+    section = README.read_text().split("## Guarantees\n", 1)[1].split("\n## ", 1)[0]
+    items = re.findall(r"^- .*\n  `(test_\w+\.py)::(test_\w+)`$", section, re.MULTILINE)
+    assert len(items) == section.count("\n- ") >= 5
+    for file, name in items:
+        source = (REPO_ROOT / "tests" / file).read_text()
+        assert re.search(rf"^def {name}\(", source, re.MULTILINE), f"{file}::{name}"

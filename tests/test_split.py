@@ -167,7 +167,7 @@ def bad_image_corpus(folder: Path) -> dict[str, str | None]:
         "cat.900.jpg": (b"", "empty file"),
         "cat.901.jpg": (jpeg_bytes(photo(0, 901))[:200], "corrupt image"),
         "cat.902.jpg": (b"<html>404 Not Found</html>", "not a readable image"),
-        "cat.903.jpg": (encoded(Image.new("L", (9000, 6000)), "PNG"), "too large"),
+        "cat.903.jpg": (encoded(Image.new("L", (9000, 6000)), "PNG"), "too many pixels"),
         "cat.904.jpg": (jpeg_bytes(Image.new("RGB", (3, 3))), "too small"),
         "dog.900.jpg": (encoded(photo(1, 900), "PNG"), None),
         "dog.901.jpg": (encoded(photo(1, 901), "GIF"), None),
@@ -241,3 +241,24 @@ def test_a_failure_before_the_reports_are_written_keeps_the_previous_split_whole
     with pytest.raises(OSError, match="disk full"):
         split.main()
     assert snapshot(*outputs) == before
+
+
+def test_data_made_only_of_decompression_bombs_is_refused_for_what_it_is(
+    stage_workspace: Path,
+) -> None:
+    from pipeline import split
+    from tests.test_images import png_header
+
+    raw = stage_workspace / "data/raw/train"
+    raw.mkdir(parents=True)
+    for name in ("cat", "dog"):
+        for i in range(4):
+            (raw / f"{name}.{i}.jpg").write_bytes(png_header(60000, 60000))
+
+    with pytest.raises(SystemExit) as exit_info:
+        split.main()
+
+    message = str(exit_info.value.code)
+    assert "\n" not in message
+    assert "8 of 8 images are unusable" in message
+    assert "too many pixels: 60000x60000, limit" in message
