@@ -12,8 +12,11 @@ from tests.conftest import tiny_config, write_kaggle_tree
 
 @pytest.fixture(scope="module")
 def model_path(tmp_path_factory) -> Path:
-    cfg = tiny_config().train_cnn.model_copy(update={"block_filters": [4], "dense_units": [4]})
+    import keras
+
+    cfg = tiny_config().train_cnn.model_copy(update={"block_filters": [4], "dense_units": []})
     path = tmp_path_factory.mktemp("model") / "cnn.keras"
+    keras.utils.set_random_seed(0)  # untrained weights whose P(dog) differs between images
     for_inference(build_cnn(cfg)).save(path)  # as train_cnn saves it
     return path
 
