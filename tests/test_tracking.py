@@ -58,7 +58,8 @@ def test_stages_of_one_execution_share_one_parent(workspace, repo_config, monkey
     assert parent.data.tags["dvc.exp_name"] == "brisk-lynx"
     assert parent.data.metrics == {"cnn_test_accuracy": 0.8}
     split = client.get_run(first.info.run_id)
-    assert split.data.params["split.validation_fraction"] == "0.2"
+    fraction = repo_config.split.validation_fraction
+    assert split.data.params["split.validation_fraction"] == str(fraction)
     assert split.data.params["common.seed"] == "42"
     assert not any(name.startswith("head.") for name in split.data.params)
     experiment = client.get_experiment(parent.info.experiment_id)
