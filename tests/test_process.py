@@ -103,8 +103,11 @@ def test_a_stage_interrupted_by_sigint_exits_without_a_traceback(tmp_path) -> No
 
     script = tmp_path / "slow_stage.py"
     script.write_text(
-        "import time\n"
+        "import signal, time\n"
         "from pipeline import process\n"
+        # A shell that runs the suite in the background (CI, nohup) starts its children with
+        # SIGINT ignored, and Python then never raises KeyboardInterrupt: a terminal does not.
+        "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
         "def main():\n"
         "    print('ready', flush=True)\n"
         "    time.sleep(60)\n"
