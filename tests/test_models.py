@@ -7,6 +7,7 @@ import keras
 import numpy as np
 import pytest
 
+from bench.accuracy import preset_overrides
 from pipeline.config import Config, load_config
 from pipeline.models import (
     FusedAdam,
@@ -26,7 +27,6 @@ from tests.conftest import REPO_ROOT, tiny_config
 CNN = tiny_config().train_cnn
 FEATURES = tiny_config().features
 HEAD = tiny_config().head.model_copy(update={"units": 8, "learning_rate": 1e-3})
-PRESETS = REPO_ROOT / "presets"
 
 
 def preset_config(tmp_path: Path, name: str) -> Config:
@@ -35,8 +35,7 @@ def preset_config(tmp_path: Path, name: str) -> Config:
 
     params = tmp_path / "params.yaml"
     shutil.copy(REPO_ROOT / "params.yaml", params)
-    lines = (PRESETS / f"{name}.txt").read_text().splitlines()
-    apply_overrides(params, [line for line in lines if line and not line.startswith("#")])
+    apply_overrides(params, preset_overrides(name))
     return load_config(params)
 
 
