@@ -133,13 +133,20 @@ class SplitConfig(Section):
         return self
 
 
-class AugmentConfig(Section):
-    variants: Annotated[int, Field(ge=0, le=20)]
-    image_size: ImageSize
+class RandomAugmentConfig(Section):
+    """Transforms drawn afresh for every image in every epoch, by Keras layers in the model."""
+
     horizontal_flip: bool
-    rotation: Annotated[float, Field(ge=0, le=0.5)]
+    rotation: Annotated[float, Field(ge=0, le=0.5)]  # fraction of a full turn
     zoom: Annotated[float, Field(ge=0, lt=1)]
     shift: Annotated[float, Field(ge=0, lt=1)]
+
+
+class AugmentConfig(RandomAugmentConfig):
+    """The same transforms, drawn once per variant and stored (stage augment), plus shear."""
+
+    variants: Annotated[int, Field(ge=0, le=20)]
+    image_size: ImageSize
     shear: Annotated[float, Field(ge=0, le=1)]
     jpeg_quality: Annotated[int, Field(ge=50, le=100)]
 
@@ -151,15 +158,6 @@ class OptimizerMixin(Section):
     batch_size: PositiveInt
     epochs: PositiveInt
     patience: Annotated[int, Field(ge=0)]
-
-
-class RandomAugmentConfig(Section):
-    """Transforms drawn afresh for every image in every epoch, by Keras layers in the model."""
-
-    horizontal_flip: bool
-    rotation: Annotated[float, Field(ge=0, le=0.5)]  # fraction of a full turn
-    zoom: Annotated[float, Field(ge=0, lt=1)]
-    shift: Annotated[float, Field(ge=0, lt=1)]
 
 
 class TrainCnnConfig(OptimizerMixin):
