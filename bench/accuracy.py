@@ -9,6 +9,11 @@ the transfer model's figures are a smoke test, not a result.
     python -m bench.accuracy --images ../shared/data/dogs-vs-cats-train-23k.zip
     python -m bench.accuracy --images ../shared/data/dogs-vs-cats-train-23k.zip --n 4000
     python -m bench.accuracy --images ../shared/data/dogs-vs-cats-train-23k.zip --preset fast
+    python -m bench.accuracy --images ../shared/data/dogs-vs-cats-train-23k.zip --cnn-only
+
+`--cnn-only` compares scratch-CNN recipes for less: `dvc exp run train_cnn` (the stages up to
+it, none of the VGG16 ones), then `python -m pipeline.predict` on the test split, with and
+without `--tta`, scored by `evaluate`'s own metrics.
 """
 
 from __future__ import annotations
@@ -42,6 +47,9 @@ def main(argv: Sequence[str] | None = None) -> Path:
     parser.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="more -S overrides"
     )
+    parser.add_argument(
+        "--cnn-only", action="store_true", help="train_cnn and what it needs, then predict"
+    )
     parser.add_argument("--keep", action="store_true", help="keep the copy afterwards")
     args = parser.parse_args(argv)
 
@@ -64,13 +72,19 @@ def main(argv: Sequence[str] | None = None) -> Path:
         command = ["exp", "run", "-n", label]
         for override in overrides:
             command += ["-S", override]
+        if args.cnn_only:
+            command.append("train_cnn")
         seconds, _ = timed(lambda: copy.dvc(*command))
         stages = stage_seconds(copy, set())
-        evaluated = json.loads((workdir / "reports/evaluate/metrics.json").read_text())
         trained = json.loads((workdir / "reports/train_cnn/metrics.json").read_text())
         split = json.loads((workdir / "reports/split/summary.json").read_text())
-        copy.dvc("exp", "run", "-S", "evaluate.tta=false")  # re-runs evaluate alone
-        without_tta = json.loads((workdir / "reports/evaluate/metrics.json").read_text())
+        if args.cnn_only:
+            evaluated = {"cnn": predicted_test_metrics(copy, tta=True), "transfer": None}
+            without_tta = {"cnn": predicted_test_metrics(copy, tta=False)}
+        else:
+            evaluated = json.loads((workdir / "reports/evaluate/metrics.json").read_text())
+            copy.dvc("exp", "run", "-S", "evaluate.tta=false")  # re-runs evaluate alone
+            without_tta = json.loads((workdir / "reports/evaluate/metrics.json").read_text())
     finally:
         if args.keep:
             print(f"accuracy: kept the copy in {workdir}")
@@ -102,6 +116,23 @@ def main(argv: Sequence[str] | None = None) -> Path:
         ],
     )
     return report.write(args.out)
+
+
+def predicted_test_metrics(copy, tta: bool) -> dict[str, float]:
+    """`evaluate`'s metrics of models/cnn.keras on the test split, through `pipeline.predict`."""
+    import pandas as pd
+
+    from pipeline.evaluate import classification_metrics
+
+    out = copy.root / f"test-predictions-tta-{tta}.csv"
+    flags = ["--tta"] if tta else []
+    copy.run(
+        copy.python, "-m", "pipeline.predict", "--model", "models/cnn.keras", *flags,
+        "--out", str(out), "data/split/test",
+    )  # fmt: skip
+    predictions = pd.read_csv(out)
+    labels = predictions["file"].map(lambda name: int(Path(name).parent.name == "dogs"))
+    return classification_metrics(labels.to_numpy(), predictions["prob_dog"].to_numpy(), 0.5)
 
 
 # --quick: the tests' tiny sizes, a smoke run of this code rather than a figure.

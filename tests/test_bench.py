@@ -302,3 +302,22 @@ def test_accuracy_reports_a_presets_test_accuracy_with_its_interval_and_without_
     assert 0 <= results["cnn_without_tta"]["accuracy"] <= 1
     assert results["train_cnn"]["epochs_run"] >= 1
     assert_positive(results["wall_s"], results["stage_seconds"]["train_cnn"])
+
+
+@pytest.mark.slow
+def test_accuracy_cnn_only_trains_no_vgg16_stage_and_scores_through_predict(
+    tiny_zip: Path, tmp_path: Path
+) -> None:
+    args = ["--quick", "--cnn-only", "--images", str(tiny_zip), "--out", str(tmp_path)]
+    data = load_result(accuracy.main(args), "accuracy-default-all")
+    results = data["results"]
+    assert "train_cnn" in results["stage_seconds"]
+    assert "extract_features" not in results["stage_seconds"]
+    assert results["transfer_random_vgg16"] is None
+    for view in ("cnn", "cnn_without_tta"):
+        scores = results[view]
+        assert scores["accuracy_ci_low"] <= scores["accuracy"] <= scores["accuracy_ci_high"]
+        assert scores["log_loss"] >= 0
+    assert results["cnn"]["accuracy"] != results["cnn_without_tta"]["accuracy"] or (
+        results["cnn"]["log_loss"] != results["cnn_without_tta"]["log_loss"]
+    )  # the mirrored view changed the probabilities
