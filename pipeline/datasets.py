@@ -10,6 +10,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
+import keras
 import numpy as np
 import tensorflow as tf
 
@@ -150,8 +151,9 @@ def predict_dog_probability(model, images: tf.data.Dataset, mirror: bool = False
     """P(dog) for each image of a dataset of image batches; with `mirror`, the mean of each
     image's and its horizontal mirror's (test-time augmentation: a cat seen mirrored is
     still a cat, and two views average out some of either's mistakes)."""
-    probs = model.predict(images, verbose=0).ravel()
     if mirror:
-        mirrored = images.map(lambda batch: tf.reverse(batch, axis=[2]))
-        probs = (probs + model.predict(mirrored, verbose=0).ravel()) / 2
-    return probs
+        # Both views in one model, so each image is read and decoded once.
+        inputs = keras.Input(shape=model.input_shape[1:])
+        views = (model(inputs) + model(keras.ops.flip(inputs, axis=2))) / 2
+        model = keras.Model(inputs, views)
+    return model.predict(images, verbose=0).ravel()
