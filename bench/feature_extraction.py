@@ -1,7 +1,7 @@
 """VGG16 feature extraction: the stage's real path vs. a plain forward pass over the same images.
 
 Real path: the files through `pipeline.datasets.image_dataset` into `backbone.predict`,
-exactly `pipeline.extract_features.extract`. Plain: the same images decoded into memory
+exactly `pipeline.features.extract`. Plain: the same images decoded into memory
 beforehand, then `backbone.predict` on the array. Their ratio is what the input pipeline
 costs extraction. The backbone is `pipeline.models.build_backbone` with params.yaml's
 `features` section and `weights: none` (random weights cost the same FLOPs as ImageNet's).
@@ -84,7 +84,7 @@ def measure_policy(
     """
     import keras
 
-    from pipeline.extract_features import extract
+    from pipeline.features import extract
     from pipeline.models import build_backbone
 
     keras.mixed_precision.set_global_policy(policy)

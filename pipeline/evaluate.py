@@ -26,7 +26,7 @@ from sklearn.calibration import calibration_curve
 from pipeline import plots, process, tracking
 from pipeline.config import load_config_or_exit
 from pipeline.datasets import image_dataset, predict_dog_probability
-from pipeline.extract_features import load_features
+from pipeline.features import features_file, load_features
 from pipeline.files import atomic_files, write_json
 from pipeline.images import CLASS_NAMES, LabeledImage, list_split
 
@@ -189,7 +189,7 @@ def main() -> None:
     try:
         predictions = {
             "cnn": predict_images(paths.models.cnn, paths.split, batch_size, tta),
-            "transfer": predict_head(paths.models.head, paths.features / "test.npz"),
+            "transfer": predict_head(paths.models.head, features_file(paths.features, "test")),
         }
         if cfg.finetune.enabled:
             predictions["finetuned"] = predict_images(

@@ -18,7 +18,6 @@ from pipeline.config import Config, load_config_or_exit
 from pipeline.files import atomic_dir
 from pipeline.images import list_split
 
-FEATURES_FILE = "train.npz"
 DISABLED_MARKER = "disabled.json"
 
 
@@ -35,7 +34,7 @@ def extract_augmented(cfg: Config) -> None:
     import mlflow
 
     from pipeline import devices, tracking
-    from pipeline.extract_features import extract_chunks, feature_dim, save_features
+    from pipeline.features import extract_chunks, feature_dim, features_file, save_features
     from pipeline.models import in_current_precision
 
     paths, params = cfg.paths, cfg.features
@@ -66,7 +65,12 @@ def extract_augmented(cfg: Config) -> None:
                 chunks = extract_chunks(backbone, images, batched, plan.replicas)
                 dim = feature_dim(backbone)
                 save_features(
-                    staging / FEATURES_FILE, chunks, dim, images, params.dtype, params.compress
+                    features_file(staging, "train"),
+                    chunks,
+                    dim,
+                    images,
+                    params.dtype,
+                    params.compress,
                 )
         except ValueError as error:  # the previous features stay in place
             mlflow.set_tag("error", str(error))

@@ -18,8 +18,7 @@ import tensorflow as tf
 from pipeline import devices, process, tracking
 from pipeline.config import load_config_or_exit
 from pipeline.datasets import splittable_over_replicas
-from pipeline.extract_augmented_features import FEATURES_FILE as AUGMENTED_FEATURES_FILE
-from pipeline.extract_features import load_features
+from pipeline.features import features_file, load_features
 from pipeline.images import LabeledImage
 from pipeline.models import build_head, compose_transfer, for_inference
 from pipeline.training import fit, log_and_record_model, save_training_outputs
@@ -63,8 +62,8 @@ def load_training_features(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The train split's `(features, labels, files)` as stored, followed by the augmented
     variants' when `extract_augmented_features` wrote them (`features.include_augmented`)."""
-    parts = [load_features(features / "train.npz", dtype=None)]
-    if (augmented := augmented_features / AUGMENTED_FEATURES_FILE).is_file():
+    parts = [load_features(features_file(features, "train"), dtype=None)]
+    if (augmented := features_file(augmented_features, "train")).is_file():
         parts.append(load_features(augmented, dtype=None))
     if len(parts) == 1:
         return parts[0]
@@ -83,7 +82,9 @@ def main() -> None:
         train_x, train_y, train_files = load_training_features(
             paths.features, paths.augmented_features
         )
-        val_x, val_y, val_files = load_features(paths.features / "validation.npz", dtype=None)
+        val_x, val_y, val_files = load_features(
+            features_file(paths.features, "validation"), dtype=None
+        )
     except FileNotFoundError as error:
         sys.exit(f"train_head: {error.filename} is missing; run the extract_features stage first")
     plan.exit_if_too_few("train_head", training=len(train_y), validation=len(val_y))

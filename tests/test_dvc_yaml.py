@@ -50,6 +50,20 @@ def test_every_stage_depends_on_the_pipeline_modules_it_imports() -> None:
     assert checked == len(stages) >= 9
 
 
+def test_stages_are_leaves_no_stage_depends_on_another_stages_module() -> None:
+    """Shared code lives in modules no stage runs, so an edit to one stage re-runs only it
+    and what reads its outputs."""
+    stages = yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text())["stages"]
+    modules = {
+        name: stage["cmd"].removeprefix("python -m ").replace(".", "/") + ".py"
+        for name, stage in stages.items()
+    }
+    for name, stage in stages.items():
+        others = set(modules.values()) - {modules[name]}
+        assert not others & set(stage["deps"]), f"{name} depends on {others & set(stage['deps'])}"
+        assert not others & imported_pipeline_modules(modules[name]), f"{name} imports a stage"
+
+
 def test_a_stage_that_reads_named_splits_depends_on_those_folders_only() -> None:
     """`paths.split / "test"` in a stage's module: it depends on `${paths.split}/test`, not on
     the whole split, which DVC would check file by file on every repro for nothing."""

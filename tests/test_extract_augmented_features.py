@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from pipeline import extract_augmented_features
-from pipeline.extract_features import extract, load_features, save_features
+from pipeline.features import extract, load_features, save_features
 from pipeline.images import LabeledImage
 from pipeline.train_head import load_training_features
 from tests.conftest import (

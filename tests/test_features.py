@@ -1,4 +1,4 @@
-"""Features stream to disk chunk by chunk, in the layout `np.savez` writes and `np.load` reads."""
+"""Features files: computed a chunk at a time, streamed to disk in `np.savez`'s layout."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline import extract_features
-from pipeline.extract_features import extract, extract_chunks, load_features, save_features
+from pipeline.datasets import image_dataset
+from pipeline.features import extract, extract_chunks, feature_dim, load_features, save_features
 from pipeline.images import LabeledImage
 from tests.conftest import tiny_config, write_kaggle_tree
 
@@ -84,12 +84,12 @@ def test_chunked_extraction_matches_one_predict(tmp_path, monkeypatch) -> None:
     images = labeled(write_kaggle_tree(tmp_path, per_class=4))
     cfg = tiny_config().features
     backbone = build_backbone(cfg)
-    monkeypatch.setattr(extract_features, "EXTRACT_CHUNK", 3)  # 3 + 3 + 2
+    monkeypatch.setattr("pipeline.features.EXTRACT_CHUNK", 3)  # 3 + 3 + 2
     chunks = list(extract_chunks(backbone, images, cfg))
     assert [len(chunk) for chunk in chunks] == [3, 3, 2]
-    monkeypatch.setattr(extract_features, "EXTRACT_CHUNK", 100)
+    monkeypatch.setattr("pipeline.features.EXTRACT_CHUNK", 100)
     whole = extract(backbone, images, cfg)
-    assert whole.shape == (8, extract_features.feature_dim(backbone))
+    assert whole.shape == (8, feature_dim(backbone))
     np.testing.assert_allclose(np.concatenate(chunks), whole, rtol=1e-4, atol=1e-4)
 
 
@@ -102,10 +102,9 @@ def test_a_last_batch_too_small_for_the_replicas_is_padded_and_trimmed(
     cfg = tiny_config().features.model_copy(update={"batch_size": 3})
     backbone = build_backbone(cfg)
     plain = extract(backbone, images, cfg)
-    predicted, real_dataset = [], extract_features.image_dataset
+    predicted, real_dataset = [], image_dataset
     monkeypatch.setattr(
-        extract_features,
-        "image_dataset",
+        "pipeline.features.image_dataset",
         lambda chunk, *args: predicted.append(chunk) or real_dataset(chunk, *args),
     )
     padded = extract(backbone, images, cfg, replicas=2)
