@@ -5,12 +5,11 @@ are real images decoded once into memory, so only the training step is timed. Th
 peak is measured in the same run with large matmuls; the share is the model's analytic
 FLOPs (convolutions and dense layers from their shapes; a training step is about 3x the
 forward pass) times images/s, over that peak. Variants of the configured step (larger
-batches, XLA, Keras's own Adam where the configured optimizer is `adam`) are measured beside
+batches, XLA) are measured beside
 it, as candidates for params.yaml or pipeline/. So is the dense head's training step, on
 random features of the configured backbone's size: a few milliseconds, where its update
 and the round trip from Python to each compiled step are what cost, so the configured head
-(`pipeline.models.FusedAdam`, `compute.steps_per_execution` steps per call) is timed
-against one step per call and against `keras.optimizers.Adam`.
+(`compute.steps_per_execution` steps per call) is timed against one step per call.
 
     python -m bench.training_step [--images DIR_OR_ZIP] [--out bench/results] [--quick]
 """
@@ -48,23 +47,22 @@ def backbone_feature_size(cfg: FeaturesConfig) -> int:
     return int(build_backbone(cfg.model_copy(update={"weights": "none"})).output_shape[-1])
 
 
-CONFIGURED_HEAD = "configured: FusedAdam"
-ONE_STEP_PER_CALL = "FusedAdam, steps_per_execution 1"
-KERAS_ADAM = "keras.optimizers.Adam"
+CONFIGURED_HEAD = "configured"
+ONE_STEP_PER_CALL = "steps_per_execution 1"
 
 
 def head_step_ms(cfg: Config, features: int, batches: int, repeats: int) -> dict[str, Any]:
-    """ms per training step of the configured head, beside two variants of it.
+    """ms per training step of the configured head, beside one compiled call per step.
 
-    The configured head uses `FusedAdam` and `compute.steps_per_execution`; the variants take
-    one compiled call per step, or Keras's own Adam. The features are random, non-negative
-    and ~40% zeros, like post-ReLU ones: only their shape matters to the step's time. Each
+    The configured head takes `compute.steps_per_execution` steps per call. The features are
+    random, non-negative and ~40% zeros, like post-ReLU ones: only their shape matters to the
+    step's time. Each
     timed run is one `fit` of `batches` steps, its setup included, as for the CNN; the
     variants take turns, rotating which goes first, and the fastest run of each counts.
     """
     import keras
 
-    from pipeline.models import build_head, compile_binary
+    from pipeline.models import build_head
 
     head_cfg = cfg.head.model_copy(update={"optimizer": "adam"})
     per_call = cfg.compute.steps_per_execution
@@ -74,13 +72,9 @@ def head_step_ms(cfg: Config, features: int, batches: int, repeats: int) -> dict
     y = (rng.random(count) < 0.5).astype(np.float32)
     data = in_memory_batches(x, y, head_cfg.batch_size)
     keras.utils.set_random_seed(cfg.common.seed)
-    keras_adam = keras.optimizers.Adam(learning_rate=head_cfg.learning_rate)
     heads = {CONFIGURED_HEAD: build_head(features, head_cfg, per_call)}
     if per_call != 1:
         heads[ONE_STEP_PER_CALL] = build_head(features, head_cfg)
-    heads[KERAS_ADAM] = compile_binary(
-        build_head(features, head_cfg), head_cfg, keras_adam, steps_per_execution=per_call
-    )
     for head in heads.values():  # warm-up: tracing, oneDNN primitive creation
         head.fit(
             data, steps_per_epoch=min(batches, 2 * per_call), epochs=1, shuffle=False, verbose=0
@@ -145,26 +139,23 @@ def main(argv: Sequence[str] | None = None) -> Path:
         images = prepare_images(args.images, Path(workdir), limit=max(per_run, 64) // 2 * 2)
         x, y = decode_all(images, cfg.image_size)
 
-    # name -> (config, XLA, Keras's Adam instead of FusedAdam)
-    variants: dict[str, tuple[TrainCnnConfig, bool, bool]] = {
-        f"configured (batch {cfg.batch_size})": (cfg, False, False)
+    # name -> (config, XLA)
+    variants: dict[str, tuple[TrainCnnConfig, bool]] = {
+        f"configured (batch {cfg.batch_size})": (cfg, False)
     }
     for size in extra:
-        variants[f"batch {size}"] = (cfg.model_copy(update={"batch_size": size}), False, False)
+        variants[f"batch {size}"] = (cfg.model_copy(update={"batch_size": size}), False)
     if not args.no_xla:
-        variants[f"batch {cfg.batch_size}, XLA jit_compile"] = (cfg, True, False)
-    if cfg.optimizer == "adam":
-        variants[f"batch {cfg.batch_size}, keras.optimizers.Adam"] = (cfg, False, True)
+        variants[f"batch {cfg.batch_size}, XLA jit_compile"] = (cfg, True)
 
     keras.utils.set_random_seed(base.common.seed)
     models, steps, failures = {}, {}, {}
-    for name, (variant, jit, keras_adam) in variants.items():
+    for name, (variant, jit) in variants.items():
         steps[name] = max(1, per_run // variant.batch_size)
         per_call = base.compute.steps_per_execution
         model = build_cnn(variant, steps_per_execution=per_call)
-        if jit or keras_adam:
-            optimizer = keras.optimizers.Adam(variant.learning_rate) if keras_adam else None
-            compile_binary(model, variant, optimizer, jit or "auto", per_call)
+        if jit:
+            compile_binary(model, variant, None, jit, per_call)
         data = in_memory_batches(x, y, variant.batch_size)
         try:  # warm-up: tracing, XLA compilation, oneDNN primitive creation
             model.fit(data, steps_per_epoch=min(3, steps[name]), epochs=1, shuffle=False, verbose=0)
@@ -252,9 +243,6 @@ def main(argv: Sequence[str] | None = None) -> Path:
         "head_feature_size": head_features,
         "head_steps": head_steps,
         "head_steps_per_execution": base.compute.steps_per_execution,
-        "head_keras_adam_over_fused": ratio(
-            head_steps[KERAS_ADAM]["ms_per_step"], head_steps[CONFIGURED_HEAD]["ms_per_step"]
-        ),
         "head_one_step_per_call_over_configured": ratio(
             head_steps.get(ONE_STEP_PER_CALL, {}).get("ms_per_step"),
             head_steps[CONFIGURED_HEAD]["ms_per_step"],

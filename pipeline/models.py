@@ -12,7 +12,6 @@ from pathlib import Path
 
 import keras
 import numpy as np
-import tensorflow as tf
 
 from pipeline.config import (
     FeaturesConfig,
@@ -27,52 +26,6 @@ from pipeline.files import project_root
 
 class WeightsUnavailableError(RuntimeError):
     """The backbone's pretrained weights could not be downloaded or read."""
-
-
-@keras.saving.register_keras_serializable(package="pipeline")
-class FusedAdam(keras.optimizers.Adam):
-    """Keras's Adam, each dense float32 weight updated by TensorFlow's fused `ResourceApplyAdam`.
-
-    The kernel computes `keras.optimizers.Adam.update_step`'s formulas in one pass over the
-    weights and their two moments, where Keras's ops make twelve. For the head that is 25 MB
-    (2.1 M weights, each with two moments) read and written per pass, more than a core's
-    cache holds: its training step is ~1.5x faster (`python -m bench.training_step`). One
-    rounding differs: the kernel takes 1 - beta_2 in float32 (0.999987e-3 rather than
-    1e-3), which changes each step by ~7e-6 of itself. AMSGrad, sparse gradients and
-    weights in other dtypes take Keras's path: in float16, 1 - beta_2 would be far off.
-    """
-
-    def update_step(self, gradient, variable, learning_rate):
-        if (
-            self.amsgrad
-            or isinstance(gradient, tf.IndexedSlices)
-            or variable.dtype not in ("float32", "float64")
-        ):
-            return super().update_step(gradient, variable, learning_rate)
-        index = self._get_variable_index(variable)
-        dtype = variable.dtype
-        step = tf.cast(self.iterations + 1, dtype)
-        beta_1, beta_2 = tf.cast(self.beta_1, dtype), tf.cast(self.beta_2, dtype)
-        tf.raw_ops.ResourceApplyAdam(
-            var=_resource(variable),
-            m=_resource(self._momentums[index]),
-            v=_resource(self._velocities[index]),
-            beta1_power=tf.pow(beta_1, step),
-            beta2_power=tf.pow(beta_2, step),
-            lr=tf.cast(learning_rate, dtype),
-            beta1=beta_1,
-            beta2=beta_2,
-            epsilon=tf.cast(self.epsilon, dtype),
-            grad=tf.cast(gradient, dtype),
-        )
-
-
-def _resource(variable):
-    """The TensorFlow resource behind a variable: `update_step` gets the weight as a
-    `tf.Variable` (one replica's, under `tf.distribute`), the moments as Keras variables."""
-    if isinstance(variable, keras.Variable):
-        variable = variable.value
-    return variable.handle
 
 
 def make_optimizer(
@@ -90,7 +43,7 @@ def make_optimizer(
         # such prior, so they are left alone, as in the AdamW paper's experiments.
         optimizer.exclude_from_weight_decay(var_names=["bias", "gamma", "beta"])
         return optimizer
-    return FusedAdam(learning_rate=rate)
+    return keras.optimizers.Adam(learning_rate=rate)
 
 
 def compile_binary(

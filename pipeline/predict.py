@@ -141,7 +141,6 @@ def load_model(reference: str) -> keras.Model:
     import mlflow
     import mlflow.keras
 
-    import pipeline.models  # noqa: F401  (registers FusedAdam, for models saved with it)
     from pipeline import tracking
 
     if ":/" in reference:

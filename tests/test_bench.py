@@ -27,7 +27,6 @@ from bench.common import (
     add_workdir_argument,
     base_parser,
     dvc_stages,
-    repo_config,
     write_synthetic_images,
 )
 from bench.memory import fastest_run, fit_line
@@ -92,21 +91,14 @@ def test_training_step_reports_throughput_and_share_of_peak(tiny_zip: Path, tmp_
     )
     for variant in results["variants"].values():
         assert_positive(variant["images_per_s"], variant["ratio_to_configured"])
-    # Keras's Adam against FusedAdam, where the CNN trains with Adam (not the default AdamW).
-    compares_adam = any("keras.optimizers.Adam" in name for name in results["variants"])
-    assert compares_adam == (repo_config().train_cnn.optimizer == "adam")
     assert results["head_feature_size"] == 512  # VGG16 at the quick 32x32: 1x1x512
     one_step_per_call = results["head_steps_per_execution"] != 1
     assert set(results["head_steps"]) == {
         training_step.CONFIGURED_HEAD,
-        training_step.KERAS_ADAM,
         *([training_step.ONE_STEP_PER_CALL] if one_step_per_call else []),
     }
     assert (results["head_one_step_per_call_over_configured"] is not None) == one_step_per_call
-    assert_positive(
-        results["head_keras_adam_over_fused"],
-        *(step["ms_per_step"] for step in results["head_steps"].values()),
-    )
+    assert_positive(*(step["ms_per_step"] for step in results["head_steps"].values()))
 
 
 def test_feature_extraction_reports_real_and_plain_paths(tiny_zip: Path, tmp_path: Path) -> None:

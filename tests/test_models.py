@@ -10,7 +10,6 @@ import pytest
 from bench.accuracy import preset_overrides
 from pipeline.config import Config, load_config
 from pipeline.models import (
-    FusedAdam,
     WeightsUnavailableError,
     build_backbone,
     build_cnn,
@@ -174,7 +173,7 @@ def test_a_seeded_training_run_repeats_exactly() -> None:
 @pytest.mark.parametrize(
     ("name", "kind", "momentum"),
     [
-        ("adam", FusedAdam, None),
+        ("adam", keras.optimizers.Adam, None),
         ("sgd", keras.optimizers.SGD, 0.9),
         ("rmsprop", keras.optimizers.RMSprop, 0.9),
     ],
@@ -186,55 +185,6 @@ def test_optimizer_is_the_configured_one_with_its_learning_rate(name, kind, mome
     assert float(optimizer.learning_rate) == pytest.approx(0.05)
     if momentum is not None:
         assert optimizer.momentum == pytest.approx(momentum)
-
-
-def trained_weights(optimizer: keras.optimizers.Optimizer, steps: int) -> list[np.ndarray]:
-    """A small head's weights after `steps` full-batch steps, the same start for every call."""
-    rng = np.random.default_rng(0)
-    features = np.maximum(rng.normal(size=(64, 48)), 0).astype("float32")
-    labels = (features[:, 0] > features[:, 1]).astype("float32")
-    keras.utils.set_random_seed(3)
-    model = keras.Sequential(
-        [keras.Input((48,)), keras.layers.Dense(16, activation="relu"), keras.layers.Dense(1)]
-    )
-    model.compile(optimizer=optimizer, loss=keras.losses.BinaryCrossentropy(from_logits=True))
-    model.fit(features, labels, batch_size=64, epochs=steps, shuffle=False, verbose=0)
-    return model.get_weights()
-
-
-# The kernel computes 1 - beta_2 in float32; Keras's Adam given that same value as beta_2
-# makes the same steps, up to float32 rounding.
-KERNEL_BETA_2 = 1 - float(np.float32(1) - np.float32(0.999))
-
-
-def test_fused_adam_takes_the_same_steps_as_keras_adam() -> None:
-    start = trained_weights(keras.optimizers.SGD(0.0), steps=1)
-    fused = trained_weights(FusedAdam(learning_rate=1e-2), steps=5)
-    matched = trained_weights(keras.optimizers.Adam(1e-2, beta_2=KERNEL_BETA_2), steps=5)
-    default = trained_weights(keras.optimizers.Adam(learning_rate=1e-2), steps=5)
-    for after, same, keras_default, before in zip(fused, matched, default, start, strict=True):
-        moved = np.max(np.abs(same - before))
-        assert moved > 1e-3
-        assert np.max(np.abs(after - same)) < 5e-6 * moved
-        # Against Keras's default beta_2 only that rounding differs: ~7e-6 of each step.
-        assert 0 < np.max(np.abs(after - keras_default)) < 5e-5 * moved
-
-
-def test_fused_adam_leaves_amsgrad_to_keras() -> None:
-    fused = trained_weights(FusedAdam(learning_rate=1e-2, amsgrad=True), steps=3)
-    reference = trained_weights(keras.optimizers.Adam(learning_rate=1e-2, amsgrad=True), 3)
-    for after, expected in zip(fused, reference, strict=True):
-        np.testing.assert_array_equal(after, expected)
-
-
-def test_adam_is_the_fused_kernel_and_survives_a_saved_compiled_model(tmp_path: Path) -> None:
-    model = build_head(8, HEAD)
-    assert isinstance(model.optimizer, FusedAdam)
-    model.fit(np.ones((4, 8), "float32"), np.array([0, 1, 0, 1], "float32"), verbose=0)
-    model.save(tmp_path / "compiled.keras")
-    reloaded = keras.models.load_model(tmp_path / "compiled.keras")
-    assert isinstance(reloaded.optimizer, FusedAdam)
-    assert float(reloaded.optimizer.learning_rate) == pytest.approx(HEAD.learning_rate)
 
 
 def test_caffe_preprocessing_matches_keras_vgg16_preprocess_input() -> None:
