@@ -64,7 +64,9 @@ def main(argv: Sequence[str] | None = None) -> Path:
         overrides += [f"{k}={v}" for k, v in QUICK.items()]
     parts = (args.preset or "default", args.n or "all", args.seed)
     label = "-".join(str(part) for part in parts if part is not None)
-    report = Report(f"accuracy-{label}", f"Accuracy and wall time: {label}", args.quick)
+    report = Report(
+        f"accuracy-{label}", f"Accuracy and wall time: {label}", args.quick, module="accuracy"
+    )
     workdir = Path(tempfile.mkdtemp(prefix="bench-accuracy-", dir=args.workdir))
     try:
         copy = PipelineCopy.create(workdir, args.images.expanduser().resolve(), tiny=False)

@@ -367,6 +367,7 @@ class Report:
     name: str
     title: str
     quick: bool = False
+    module: str = ""  # bench.<module> when the result's name is not the module's (accuracy-...)
     machine: dict[str, Any] = field(default_factory=machine_info)
     settings: dict[str, Any] = field(default_factory=dict)
     results: dict[str, Any] = field(default_factory=dict)
@@ -391,7 +392,7 @@ class Report:
         return {
             "benchmark": self.name,
             "title": self.title,
-            "command": "python -m bench." + self.name + " " + shlex.join(sys.argv[1:]),
+            "command": f"python -m bench.{self.module or self.name} {shlex.join(sys.argv[1:])}",
             "quick": self.quick,
             "started_at": self.started_at,
             "wall_s": time.perf_counter() - self.started,
