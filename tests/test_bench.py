@@ -314,3 +314,20 @@ def test_accuracy_cnn_only_trains_no_vgg16_stage_and_scores_through_predict(
     assert results["cnn"]["accuracy"] != results["cnn_without_tta"]["accuracy"] or (
         results["cnn"]["log_loss"] != results["cnn_without_tta"]["log_loss"]
     )  # the mirrored view changed the probabilities
+
+
+def test_plot_accuracy_draws_the_committed_results_and_names_missing_columns(
+    tmp_path: Path,
+) -> None:
+    from bench import plot_accuracy
+
+    committed = plot_accuracy.read_results(plot_accuracy.REPO_ROOT / "bench" / "accuracy.csv")
+    assert (committed["ci_low"] <= committed["test_accuracy"]).all()
+    assert (committed["test_accuracy"] <= committed["ci_high"]).all()
+    assert committed["command"].str.match(r"(make pipeline|python -m bench\.accuracy) ").all()
+    out = plot_accuracy.main(["--out", str(tmp_path / "accuracy.png")])
+    assert out.read_bytes().startswith(b"\x89PNG")
+    broken = tmp_path / "broken.csv"
+    broken.write_text("recipe,test_accuracy\ndefault,0.9\n")
+    with pytest.raises(SystemExit, match="lacks the columns"):
+        plot_accuracy.main(["--csv", str(broken), "--out", str(tmp_path / "x.png")])
