@@ -37,6 +37,7 @@ STAGE_TAG = "pipeline.stage"
 PARAMS_HASH_TAG = "pipeline.params_hash"
 COMMIT_TAG = "git.commit"
 DVC_EXP_TAG = "dvc.exp_name"
+FAILED_STAGE_TAG = "pipeline.failed_stage"
 
 
 def default_store() -> tuple[str, str]:
@@ -154,9 +155,28 @@ def find_or_create_parent(
     )
     # Every param on the parent too, so executions compare in MLflow's table and chart views.
     client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in params.items()])
-    # The parent only groups its stages; it is never "running" in the UI.
-    client.set_terminated(run.info.run_id, "FINISHED")
     return run
+
+
+def child_run_name(stage: str, execution: str) -> str:
+    """What chart legends show: the stage and its execution, so that two executions' curves
+    of one stage are told apart in one chart."""
+    return f"{stage} · {execution}"
+
+
+def close_parent(client: MlflowClient, parent: Run, stage: str, failed: bool) -> None:
+    """The parent's status and end as its last stage left them: FAILED, naming the stage in
+    `pipeline.failed_stage`, until that stage succeeds in the same execution; its end is this
+    stage's, so its duration runs from the first stage's start to the last one's end."""
+    run_id = parent.info.run_id
+    failed_stage = client.get_run(run_id).data.tags.get(FAILED_STAGE_TAG)
+    if failed:
+        client.set_tag(run_id, FAILED_STAGE_TAG, stage)
+        failed_stage = stage
+    elif failed_stage == stage:
+        client.delete_tag(run_id, FAILED_STAGE_TAG)
+        failed_stage = None
+    client.set_terminated(run_id, "FAILED" if failed_stage else "FINISHED")
 
 
 @contextlib.contextmanager
@@ -190,16 +210,23 @@ def stage_run(
     diff = None if before is None else params_diff(all_params, before)
     tags["mlflow.note.content"] = describe_execution(diff, baseline)
     parent = find_or_create_parent(client, experiment_id, key, name, tags, all_params)
-    with mlflow.start_run(
-        experiment_id=experiment_id,
-        run_name=stage,
-        parent_run_id=parent.info.run_id,
-        tags={**tags, STAGE_TAG: stage, KEY_TAG: key},
-        log_system_metrics=system_metrics,
-    ) as run:
-        params = {name: getattr(cfg, name).model_dump(mode="json") for name in sections}
-        mlflow.log_params(flatten(params))
-        yield run
+    # Running while one of its stages runs; the end time of a stage run before is kept.
+    client.update_run(parent.info.run_id, status="RUNNING")
+    failed = True
+    try:
+        with mlflow.start_run(
+            experiment_id=experiment_id,
+            run_name=child_run_name(stage, name),
+            parent_run_id=parent.info.run_id,
+            tags={**tags, STAGE_TAG: stage, KEY_TAG: key},
+            log_system_metrics=system_metrics,
+        ) as run:
+            params = {name: getattr(cfg, name).model_dump(mode="json") for name in sections}
+            mlflow.log_params(flatten(params))
+            yield run
+        failed = False
+    finally:
+        close_parent(client, parent, stage, failed)
 
 
 def comparable_params(cfg: Config) -> dict[str, Any]:

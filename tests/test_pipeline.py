@@ -141,5 +141,7 @@ def test_a_failed_stage_leaves_the_previous_outputs_in_place(tiny_pipeline: Pipe
     failed = client.search_runs(
         [experiment.experiment_id], filter_string="attributes.status = 'FAILED'"
     )
-    assert [r.data.tags["pipeline.stage"] for r in failed] == ["extract_features"]
-    assert "does not exist" in failed[0].data.tags["error"]
+    by_stage = {r.data.tags["pipeline.stage"]: r for r in failed}
+    assert sorted(by_stage) == ["extract_features", "pipeline"]
+    assert "does not exist" in by_stage["extract_features"].data.tags["error"]
+    assert by_stage["pipeline"].data.tags["pipeline.failed_stage"] == "extract_features"

@@ -97,8 +97,48 @@ def test_the_parent_run_says_which_params_differ_from_the_commit(workspace, repo
     assert note == f"Params changed from `{sha[:7]}`:\n\n- `head.units`: 256 → 128"
 
 
-def test_a_failing_stage_marks_its_run_failed(workspace, repo_config):
-    with pytest.raises(SystemExit), tracking.stage_run("download", repo_config, "download") as run:
-        raise SystemExit("download: boom")
-    status = MlflowClient(tracking.tracking_uri()).get_run(run.info.run_id).info.status
-    assert status == "FAILED"
+def test_a_failing_stage_marks_its_run_and_its_parent_failed_until_it_succeeds(
+    workspace, repo_config
+):
+    with tracking.stage_run("download", repo_config, "download") as done:
+        pass
+    with pytest.raises(SystemExit), tracking.stage_run("split", repo_config, "split") as run:
+        raise SystemExit("split: boom")
+    client = MlflowClient(tracking.tracking_uri())
+    assert client.get_run(run.info.run_id).info.status == "FAILED"
+    parent_id = tracking.parent_run_id(run)
+    assert tracking.parent_run_id(done) == parent_id
+    parent = client.get_run(parent_id)
+    assert parent.info.status == "FAILED"
+    assert parent.data.tags[tracking.FAILED_STAGE_TAG] == "split"
+
+    with tracking.stage_run("split", repo_config, "split") as retried:  # `dvc repro` again
+        pass
+    assert tracking.parent_run_id(retried) == parent_id
+    parent = client.get_run(parent_id)
+    assert parent.info.status == "FINISHED"
+    assert tracking.FAILED_STAGE_TAG not in parent.data.tags
+
+
+def test_the_parent_lasts_from_the_first_stage_start_to_the_last_stage_end(workspace, repo_config):
+    with tracking.stage_run("split", repo_config, "split") as first:
+        pass
+    with tracking.stage_run("augment", repo_config, "augment") as last:
+        mlflow.log_metric("variants_written", 1)
+    client = MlflowClient(tracking.tracking_uri())
+    parent = client.get_run(tracking.parent_run_id(last)).info
+    first, last = (client.get_run(r.info.run_id).info for r in (first, last))
+    assert parent.status == "FINISHED"
+    assert parent.start_time <= first.start_time
+    assert parent.end_time >= last.end_time
+    assert parent.end_time - parent.start_time >= last.end_time - first.start_time
+
+
+def test_child_runs_are_named_after_their_stage_and_execution(workspace, repo_config, monkeypatch):
+    names = []
+    for execution in ("brisk-lynx", "calm-otter"):
+        monkeypatch.setenv("DVC_EXP_NAME", execution)
+        with tracking.stage_run("train_cnn", repo_config, "train_cnn") as run:
+            pass
+        names.append(MlflowClient(tracking.tracking_uri()).get_run(run.info.run_id).info.run_name)
+    assert names == ["train_cnn · brisk-lynx", "train_cnn · calm-otter"]
