@@ -38,6 +38,12 @@ def preset_overrides(name: str | None) -> list[str]:
     return [line.strip() for line in lines if line.strip() and not line.startswith("#")]
 
 
+def test_scores(evaluated: dict, model: str) -> dict[str, float]:
+    """One model's test scores from evaluate's metrics.json (`cnn/test/accuracy`), by name."""
+    prefix = f"{model}/test/"
+    return {k.removeprefix(prefix): v for k, v in evaluated.items() if k.startswith(prefix)}
+
+
 def main(argv: Sequence[str] | None = None) -> Path:
     parser = base_parser(__doc__.split("\n\n")[0])
     add_workdir_argument(parser)
@@ -93,14 +99,14 @@ def main(argv: Sequence[str] | None = None) -> Path:
         else:
             shutil.rmtree(workdir, ignore_errors=True)
 
-    cnn = evaluated["cnn"]
+    cnn = test_scores(evaluated, "cnn")
     report.settings = {"images": str(args.images), "overrides": overrides, "split": split}
     report.results = {
         "wall_s": seconds,
         "stage_seconds": stages,
         "cnn": cnn,
-        "cnn_without_tta": without_tta["cnn"],
-        "transfer_random_vgg16": evaluated["transfer"],
+        "cnn_without_tta": test_scores(without_tta, "cnn"),
+        "transfer_random_vgg16": test_scores(evaluated, "transfer"),
         "train_cnn": trained,
     }
     interval = f"{cnn['accuracy_ci_low']:.3f}-{cnn['accuracy_ci_high']:.3f}"
@@ -111,7 +117,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
             [
                 label,
                 f"{cnn['accuracy']:.4f} ({interval})",
-                f"{without_tta['cnn']['accuracy']:.4f}",
+                f"{without_tta['cnn/test/accuracy']:.4f}",
                 f"{trained.get('best_epoch')} of {trained.get('epochs_run')}",
                 f"{seconds / 60:.1f} min (train_cnn {stages.get('train_cnn', 0) / 60:.1f})",
             ]

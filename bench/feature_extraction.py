@@ -68,7 +68,7 @@ def head_accuracy(features: np.ndarray, labels: np.ndarray, cfg: HeadConfig, see
             cfg,
             log_to_mlflow=False,
         )
-    return float(summarize_history(history)["best_val_accuracy"])
+    return float(summarize_history(history)["val/accuracy"])
 
 
 def measure_policy(

@@ -44,8 +44,8 @@ def run_stage(copy, stage: str, seed: int, precision: str) -> dict[str, float]:
     metrics = json.loads(metrics_file.read_text()) if stage != "extract_features" else {}
     return {
         "seconds": seconds,
-        "val_accuracy": metrics.get("best_val_accuracy"),
-        "val_loss": metrics.get("best_val_loss"),
+        "val_accuracy": metrics.get("val/accuracy"),
+        "val_loss": metrics.get("val/loss"),
     }
 
 

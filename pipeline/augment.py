@@ -128,7 +128,7 @@ def main() -> None:
             plots.image_grid(grid, titles).savefig(preview_staging)
             summary = {"source_images": len(train), "variants_written": written}
             write_json(summary_staging, summary)
-        mlflow.log_metrics({"source_images": len(train), "variants_written": written})
+        mlflow.log_metrics({f"data/{name}": count for name, count in summary.items()})
         mlflow.log_artifacts(str(reports), artifact_path="reports")
     print(
         f"augment: {written} variants of {len(train)} training images "

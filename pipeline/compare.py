@@ -1,7 +1,7 @@
 """Compare pipeline executions in MLflow: one row per execution, the params that differ.
 
-    python -m pipeline.compare                       # sorted by transfer_test_accuracy
-    python -m pipeline.compare --metric cnn_test_log_loss --markdown
+    python -m pipeline.compare                       # sorted by transfer/test/accuracy
+    python -m pipeline.compare --metric cnn/test/log_loss --markdown
     python -m pipeline.compare --csv > runs.csv
 
 Reads through MLflow's search API, so it works the same against the local SQLite store and
@@ -20,7 +20,7 @@ from pipeline import process
 if TYPE_CHECKING:  # pandas and MLflow are imported where used: `--help` is instant
     import pandas as pd
 
-DEFAULT_METRIC = "transfer_test_accuracy"
+DEFAULT_METRIC = "transfer/test/accuracy"
 SHOWN_METRICS = ("accuracy", "roc_auc", "log_loss")
 LOWER_IS_BETTER = ("loss",)
 
@@ -57,10 +57,10 @@ def comparison(runs: pd.DataFrame, metric: str) -> pd.DataFrame:
     param_columns = [c for c in runs.columns if c.startswith("params.")]
     differing = [c for c in param_columns if runs[c].astype(str).nunique(dropna=False) > 1]
     metric_columns = [
-        f"metrics.{model}_test_{name}"
+        f"metrics.{model}/test/{name}"
         for model in ("cnn", "transfer", "finetuned")
         for name in SHOWN_METRICS
-        if f"metrics.{model}_test_{name}" in runs
+        if f"metrics.{model}/test/{name}" in runs
     ]
     if f"metrics.{metric}" not in metric_columns:
         metric_columns.append(f"metrics.{metric}")

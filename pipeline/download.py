@@ -298,12 +298,12 @@ def main() -> None:
         write_json(report, {"source": cfg.download.source, **counts})
         mlflow.log_metrics(
             {
-                "raw_images": summary.images,
-                "raw_unlabeled": summary.unlabeled,
-                "raw_skipped": len(skipped),
+                "data/raw_images": summary.images,
+                "data/raw_unlabeled": summary.unlabeled,
+                "data/raw_skipped": len(skipped),
             }
         )
-        mlflow.log_metrics({f"raw_{name}": count for name, count in summary.per_class.items()})
+        mlflow.log_metrics({f"data/raw_{name}": count for name, count in summary.per_class.items()})
         mlflow.log_artifact(str(report))
     print(
         f"download: {summary.images} labelled images ({summary.per_class}) in {summary.layout} "

@@ -127,6 +127,17 @@ def mistakes_figure(name: str, mistakes: list[tuple[str, int, float]]):
     return plots.gallery([thumbnail(file) for file, _, _ in mistakes], captions, title)
 
 
+def named_by_model(results: dict[str, dict[str, float]]) -> dict[str, float]:
+    """`{"cnn": {"accuracy": ...}}` -> `{"cnn/test/accuracy": ...}`: the names on this stage's
+    run, the parent run and in metrics.json; each model's own run and logged model have them
+    as `test/accuracy`."""
+    return {
+        f"{model}/test/{name}": value
+        for model, scores in results.items()
+        for name, value in scores.items()
+    }
+
+
 def logged_model_id(training_metrics: Path) -> str | None:
     """The MLflow logged-model id a training stage recorded beside its metrics, if any."""
     try:
@@ -139,7 +150,7 @@ def attach_test_metrics(
     results: dict[str, dict[str, float]], model_ids: dict[str, str | None]
 ) -> list[str]:
     """Logs each model's test metrics on its MLflow logged model and the run that trained it,
-    not on this stage's run, where every model's `test_accuracy` would collide.
+    not on this stage's run, where every model's `test/accuracy` would collide.
 
     Returns a warning for each model whose id this tracking store does not know: the ids come
     from the training stages' metrics.json, which git carries to clones whose store is
@@ -149,7 +160,7 @@ def attach_test_metrics(
     for model, model_id in model_ids.items():
         if not model_id or model not in results:
             continue
-        scores = {f"test_{name}": value for name, value in results[model].items()}
+        scores = {f"test/{name}": value for name, value in results[model].items()}
         try:
             source_run = mlflow.get_logged_model(model_id).source_run_id
             mlflow.log_metrics(scores, model_id=model_id, run_id=source_run)
@@ -214,11 +225,7 @@ def main() -> None:
             "mlflow_parent_run_id": tracking.parent_run_id(run),
         }
         results, written = write_reports(predictions, threshold, reports, ids)
-        flat = {
-            f"{model}_test_{name}": value
-            for model, scores in results.items()
-            for name, value in scores.items()
-        }
+        flat = named_by_model(results)
         mlflow.log_metrics(flat)
         tracking.log_to_parent(run, flat)
         for warning in attach_test_metrics(results, model_ids):
@@ -276,7 +283,7 @@ def write_reports(
         plots.precision_recall_curves(precision_recall).savefig(out["precision_recall.png"])
         plots.calibration(calibrations).savefig(out["calibration.png"])
         out["comparison.md"].write_text(comparison_table(results))
-        write_json(out["metrics.json"], {**results, **(ids or {})})
+        write_json(out["metrics.json"], {**named_by_model(results), **(ids or {})})
     return results, list(targets.values())
 
 

@@ -75,7 +75,7 @@ def extract_augmented(cfg: Config) -> None:
         except ValueError as error:  # the previous features stay in place
             mlflow.set_tag("error", str(error))
             sys.exit(f"extract_augmented_features: {error}")
-        mlflow.log_metric("augmented_images", len(images))
+        mlflow.log_metric("data/augmented_images", len(images))
     print(f"extract_augmented_features: {dim}-dim features into {paths.augmented_features}")
 
 

@@ -69,8 +69,8 @@ def main() -> None:
             sys.exit(f"extract_features: {error}")
         summary = {"images": counts, "feature_dim": dim, "dtype": params.dtype}
         write_json(paths.reports.extract_features / "summary.json", summary)
-        mlflow.log_metrics({f"{split}_images": n for split, n in counts.items()})
-        mlflow.log_metric("feature_dim", summary["feature_dim"])
+        mlflow.log_metrics({f"data/{split}_images": n for split, n in counts.items()})
+        mlflow.log_metric("data/feature_dim", summary["feature_dim"])
         mlflow.log_artifacts(str(paths.reports.extract_features), artifact_path="reports")
     print(
         f"extract_features: {summary['feature_dim']}-dim {params.backbone} features of "

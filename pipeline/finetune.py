@@ -82,13 +82,12 @@ def finetune(cfg: Config) -> None:
         summary = save_training_outputs(
             {paths.models.finetuned: trained}, history, reports, "fine-tuned backbone + head"
         )
-        mlflow.log_metrics(dict(summary))
         mlflow.log_artifacts(str(reports), artifact_path="reports")
         example = next(iter(validation_data))[0][:1].numpy()
         log_and_record_model(trained, "finetuned", example, reports, summary)
     print(
         f"finetune: {summary['epochs_run']} epochs with {', '.join(unfrozen)} unfrozen, best "
-        f"validation accuracy {summary['best_val_accuracy']:.3f}; saved {paths.models.finetuned}"
+        f"validation accuracy {summary['val/accuracy']:.3f}; saved {paths.models.finetuned}"
     )
 
 

@@ -31,10 +31,9 @@ def training_history(history: Mapping[str, Sequence[float]], title: str) -> Figu
     figure = Figure(figsize=(10, 4))
     axes = figure.subplots(1, 2)
     for axis, metric in zip(axes, ("loss", "accuracy"), strict=True):
-        for prefix, style in (("", "-"), ("val_", "--")):
+        for prefix, style, label in (("train/", "-", "train"), ("val/", "--", "validation")):
             values = history.get(prefix + metric)
             if values:
-                label = "validation" if prefix else "train"
                 axis.plot(range(1, len(values) + 1), values, style, marker="o", label=label)
         axis.set_xlabel("epoch")
         axis.set_ylabel(metric)

@@ -1,10 +1,10 @@
 """Register the best evaluated model and give it an alias, for `pipeline.predict`.
 
-    python -m pipeline.registry promote                      # best test_accuracy -> @champion
-    python -m pipeline.registry promote --metric test_log_loss --model transfer
+    python -m pipeline.registry promote                      # best test/accuracy -> @champion
+    python -m pipeline.registry promote --metric test/log_loss --model transfer
 
 Every model the training stages log carries the test metrics `evaluate` attached to it
-(`test_accuracy`, `test_log_loss`, ...). Load the champion back with
+(`test/accuracy`, `test/log_loss`, ...). Load the champion back with
 `python -m pipeline.predict --model models:/dogs-vs-cats@champion photos/`.
 """
 
@@ -106,8 +106,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     command.add_argument(
         "--metric",
-        default="test_accuracy",
-        help="the test metric evaluate attached to each model (test_roc_auc, test_log_loss, "
+        default="test/accuracy",
+        help="the test metric evaluate attached to each model (test/roc_auc, test/log_loss, "
         "...); highest wins, lowest for *loss",
     )
     command.add_argument(

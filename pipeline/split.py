@@ -199,10 +199,10 @@ def main() -> None:
             write_skipped(skipped_staging, skipped, cfg.paths.raw)
         mlflow.log_metrics(
             {
-                "images_total": summary["total"],
-                "images_skipped": len(skipped),
-                "images_reencoded": len(reencode),
-                **{f"images_{split}": len(images) for split, images in splits.items()},
+                "data/images_total": summary["total"],
+                "data/images_skipped": len(skipped),
+                "data/images_reencoded": len(reencode),
+                **{f"data/images_{split}": len(images) for split, images in splits.items()},
             }
         )
         mlflow.log_artifacts(str(reports), artifact_path="reports")

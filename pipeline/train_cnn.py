@@ -62,14 +62,15 @@ def main() -> None:
             summary = save_training_outputs(
                 {paths.models.cnn: trained}, history, reports, "scratch CNN"
             )
-            mlflow.log_metrics(dict(summary))
-            mlflow.log_metrics({"train_images": len(train), "validation_images": len(validation)})
+            mlflow.log_metrics(
+                {"data/train_images": len(train), "data/validation_images": len(validation)}
+            )
             mlflow.log_artifacts(str(reports), artifact_path="reports")
             example = next(iter(validation_data))[0][:2].numpy()
             log_and_record_model(trained, "cnn", example, reports, summary)
     print(
         f"train_cnn: {summary['epochs_run']} epochs on {len(train)} images, best epoch "
-        f"{summary['best_epoch']} with validation accuracy {summary['best_val_accuracy']:.3f}; "
+        f"{summary['best_epoch']} with validation accuracy {summary['val/accuracy']:.3f}; "
         f"saved {paths.models.cnn}"
     )
 

@@ -114,8 +114,9 @@ def main() -> None:
             reports,
             "VGG16 features + dense head",
         )
-        mlflow.log_metrics(dict(summary))
-        mlflow.log_metrics({"train_images": len(train_y), "validation_images": len(val_y)})
+        mlflow.log_metrics(
+            {"data/train_images": len(train_y), "data/validation_images": len(val_y)}
+        )
         mlflow.log_artifacts(str(reports), artifact_path="reports")
         # The end-to-end model is the one to register and serve: it takes raw images.
         example = np.zeros((1, *transfer.input_shape[1:]), dtype=np.float32)
@@ -123,7 +124,7 @@ def main() -> None:
     print(
         f"train_head: {summary['epochs_run']} epochs on {len(train_y)} feature vectors, best "
         f"epoch {summary['best_epoch']} with validation accuracy "
-        f"{summary['best_val_accuracy']:.3f}; saved {paths.models.transfer}"
+        f"{summary['val/accuracy']:.3f}; saved {paths.models.transfer}"
     )
 
 

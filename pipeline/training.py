@@ -13,37 +13,44 @@ import mlflow.keras
 import numpy as np
 from mlflow.models import infer_signature
 
-from pipeline import plots
+from pipeline import plots, tracking
 from pipeline.config import OptimizerMixin
 from pipeline.files import atomic_files, write_json
-from pipeline.history import summarize_history, write_history
+from pipeline.history import (
+    VALIDATION_LOSS,
+    metric_name,
+    renamed,
+    summarize_history,
+    write_history,
+)
 
 
-class EpochMetricsCallback(mlflow.keras.MlflowCallback):
-    """MLflow's Keras callback, logging each epoch's metrics as it ends, synchronously.
+class EpochMetricsCallback(keras.callbacks.Callback):
+    """Logs each epoch's metrics to MLflow as it ends, synchronously, under the pipeline's
+    names (`pipeline.history`), at the epoch's number counted from 1; and the model summary.
 
-    MLflow's own queues them for a background thread, which then holds the end of the run for
-    up to a second (it polls its queue once a second); one write per epoch takes ~5 ms
-    (`bench.incremental`). Its per-evaluation `validation_*` metrics, all at step 0, are
-    left out: each epoch's `val_*` metrics carry the same numbers. What it logs as training
-    begins (the optimizer's config as params, the model summary) is MLflow's, unchanged.
+    What MLflow's `MlflowCallback` does differently is left out: it queues the metrics for a
+    background thread, which then holds the end of the run for up to a second (it polls its
+    queue once a second; one write per epoch takes ~5 ms, `bench.incremental`); it logs
+    per-evaluation `validation_*` metrics, all at step 0, that repeat each epoch's `val/*`;
+    and `optimizer_*` params that repeat the stage's own (`train_cnn.learning_rate`).
     """
 
-    def __init__(self) -> None:
-        super().__init__()  # per epoch: MLflow's per-step and model_id options are not used here
+    def on_train_begin(self, logs=None):
+        lines: list[str] = []
+        self.model.summary(print_fn=lambda line, *_args, **_kwargs: lines.append(line))
+        mlflow.log_text("\n".join(lines), artifact_file="model_summary.txt")
 
     def on_epoch_end(self, epoch, logs=None):
         if logs:
-            mlflow.log_metrics(logs, step=epoch)
-
-    def on_test_end(self, logs=None):
-        pass
+            mlflow.log_metrics(renamed(logs), step=epoch + 1)
 
 
 def fit(
     model: keras.Model, train, validation, cfg: OptimizerMixin, log_to_mlflow: bool = True
 ) -> dict[str, list[float]]:
-    """Trains with early stopping on validation loss, keeping the best epoch's weights."""
+    """Trains with early stopping on validation loss, keeping the best epoch's weights; the
+    history under the pipeline's metric names (`val/loss`)."""
     callbacks: list[keras.callbacks.Callback] = [
         keras.callbacks.EarlyStopping(
             monitor="val_loss", patience=cfg.patience, restore_best_weights=True
@@ -59,8 +66,10 @@ def fit(
         shuffle=False,  # the datasets shuffle themselves; Keras warns it cannot shuffle them
         verbose=2,
     )
-    result = {name: [float(v) for v in values] for name, values in history.history.items()}
-    if np.isnan(result["val_loss"]).all():
+    result = {
+        metric_name(name): [float(v) for v in values] for name, values in history.history.items()
+    }
+    if np.isnan(result[VALIDATION_LOSS]).all():
         sys.exit(
             f"{model.name}: the validation loss was NaN in every epoch, so training diverged "
             "and there is no model to keep; lower the learning rate in params.yaml"
@@ -99,7 +108,13 @@ def log_and_record_model(
 
     `evaluate` reads `mlflow_model_id` to attach test metrics to the logged model, and
     `dvc exp show` shows both ids as columns, the way from a DVC experiment to its runs.
+
+    The stage's run gets the best epoch and the epochs run (its curves carry the scores);
+    the execution's parent the scores of the weights kept, under the model's name
+    (`cnn/val/accuracy`), beside the test scores `evaluate` puts there (`cnn/test/accuracy`).
     """
+    mlflow.log_metrics({key: summary[key] for key in ("best_epoch", "epochs_run")})
+    tracking.log_to_parent(mlflow.active_run(), {f"{name}/{k}": v for k, v in summary.items()})
     info = log_keras_model(model, name, example)
     ids = {"mlflow_run_id": mlflow.active_run().info.run_id, "mlflow_model_id": info.model_id}
     write_json(reports / "metrics.json", {**summary, **ids})

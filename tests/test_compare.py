@@ -34,8 +34,8 @@ def store(tmp_path, monkeypatch) -> MlflowClient:
             run.info.run_id,
             params=[Param(k, v) for k, v in {**params, "common.seed": "42"}.items()],
             metrics=[
-                Metric("transfer_test_accuracy", accuracy, 0, 0),
-                Metric("transfer_test_log_loss", loss, 0, 0),
+                Metric("transfer/test/accuracy", accuracy, 0, 0),
+                Metric("transfer/test/log_loss", loss, 0, 0),
             ],
         )
         # A stage run must not show up as an execution of its own.
@@ -47,17 +47,17 @@ def store(tmp_path, monkeypatch) -> MlflowClient:
 
 def test_one_row_per_execution_with_only_the_params_that_differ(store) -> None:
     table = compare.comparison(
-        compare.executions(tracking.DEFAULT_EXPERIMENT), "transfer_test_accuracy"
+        compare.executions(tracking.DEFAULT_EXPERIMENT), "transfer/test/accuracy"
     )
     assert list(table["run"]) == ["fast-lr", "baseline", "small-head"]
     assert "head.learning_rate" in table and "head.units" in table
     assert "common.seed" not in table
-    assert list(table["transfer_test_accuracy"]) == [0.86, 0.80, 0.78]
+    assert list(table["transfer/test/accuracy"]) == [0.86, 0.80, 0.78]
 
 
 def test_losses_sort_lowest_first(store) -> None:
     table = compare.comparison(
-        compare.executions(tracking.DEFAULT_EXPERIMENT), "transfer_test_log_loss"
+        compare.executions(tracking.DEFAULT_EXPERIMENT), "transfer/test/log_loss"
     )
     assert list(table["run"]) == ["fast-lr", "baseline", "small-head"]
 
@@ -66,7 +66,7 @@ def test_csv_and_markdown_outputs(store, capsys) -> None:
     compare.main(["--csv"])
     rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
     assert [r["dvc_exp"] for r in rows] == ["fast-lr", "baseline", "small-head"]
-    compare.main(["--markdown", "--metric", "transfer_test_log_loss"])
+    compare.main(["--markdown", "--metric", "transfer/test/log_loss"])
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("| run | dvc_exp |") and lines[1].startswith("|---|")
     assert "| fast-lr |" in lines[2] and "0.3500" in lines[2]
@@ -79,8 +79,8 @@ def test_an_empty_store_says_so(tmp_path, monkeypatch) -> None:
 
 
 def test_an_unknown_metric_lists_the_known_ones_and_limit_counts_rows(store, capsys) -> None:
-    with pytest.raises(SystemExit, match=r"no execution has the metric 'transfer_test_acuracy'"):
-        compare.main(["--metric", "transfer_test_acuracy"])
+    with pytest.raises(SystemExit, match=r"no execution has the metric 'transfer/test/acuracy'"):
+        compare.main(["--metric", "transfer/test/acuracy"])
     compare.main(["--csv", "--limit", "1"])
     assert [r["dvc_exp"] for r in csv.DictReader(io.StringIO(capsys.readouterr().out))] == [
         "fast-lr"

@@ -228,7 +228,7 @@ def test_the_training_stages_run_on_two_replicas_and_save_and_log_once(tmp_path:
 
     for stage in ("train_cnn", "train_head", "finetune"):
         metrics = json.loads((workspace / f"reports/{stage}/metrics.json").read_text())
-        assert metrics["epochs_run"] == 1 and np.isfinite(metrics["best_loss"]), stage
+        assert metrics["epochs_run"] == 1 and np.isfinite(metrics["train/loss"]), stage
     # Every image has its features, the padding used for the last batch none.
     for split, counts in UNEVEN_SPLITS.items():
         with np.load(workspace / f"data/features/{split}.npz") as features:

@@ -84,7 +84,11 @@ def test_reports_hold_every_figure_and_table(tmp_path: Path) -> None:
     names = {p.name for p in (tmp_path / "reports").iterdir()}
     assert names == {p.name for p in written}  # nothing else, no staging files left
     metrics = json.loads((tmp_path / "reports/metrics.json").read_text())
-    assert metrics["mlflow_run_id"] == "abc" and metrics["cnn"] == results["cnn"]
+    assert metrics["mlflow_run_id"] == "abc"
+    # The names MLflow's parent run has them by: cnn/test/accuracy.
+    assert {k: v for k, v in metrics.items() if k.startswith("cnn/")} == {
+        f"cnn/test/{name}": value for name, value in results["cnn"].items()
+    }
     for expected in (
         "roc.png",
         "precision_recall.png",
@@ -127,8 +131,8 @@ def test_test_metrics_of_a_model_the_store_does_not_know_are_a_warning(tmp_path,
         model = mlflow.initialize_logged_model(name="cnn", source_run_id=training.info.run_id)
     assert attach_test_metrics(results, {"cnn": model.model_id}) == []
     logged = mlflow.get_logged_model(model.model_id)
-    assert {metric.key: metric.value for metric in logged.metrics} == {"test_accuracy": 0.9}
-    assert mlflow.get_run(training.info.run_id).data.metrics == {"test_accuracy": 0.9}
+    assert {metric.key: metric.value for metric in logged.metrics} == {"test/accuracy": 0.9}
+    assert mlflow.get_run(training.info.run_id).data.metrics == {"test/accuracy": 0.9}
 
 
 def test_accuracy_comes_with_its_95_percent_wilson_interval() -> None:

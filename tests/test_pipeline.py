@@ -48,14 +48,18 @@ def test_repro_runs_every_stage_and_logs_each_to_mlflow(tiny_pipeline: PipelineC
         # Saved for inference: no optimizer, so no optimizer state in the file.
         assert not keras.models.load_model(root / path).compiled
     metrics = json.loads((root / "reports/evaluate/metrics.json").read_text())
-    assert set(metrics) == {"cnn", "transfer", "finetuned", "mlflow_run_id", "mlflow_parent_run_id"}
-    for model in ("cnn", "transfer", "finetuned"):
+    models = ("cnn", "transfer", "finetuned")
+    names = ("accuracy", "accuracy_ci_low", "accuracy_ci_high", "precision", "recall", "f1")
+    names += ("roc_auc", "log_loss")
+    ids = {"mlflow_run_id", "mlflow_parent_run_id"}
+    assert set(metrics) == {f"{model}/test/{name}" for model in models for name in names} | ids
+    for model in models:
         # The metric is what the per-image predictions DVC plots say, not a number of its own.
         with (root / f"reports/evaluate/predictions_{model}.csv").open() as handle:
             rows = list(csv.DictReader(handle))
         correct = sum(row["actual"] == row["predicted"] for row in rows)
-        assert rows and metrics[model]["accuracy"] == pytest.approx(correct / len(rows))
-        assert metrics[model]["log_loss"] > 0
+        assert rows and metrics[f"{model}/test/accuracy"] == pytest.approx(correct / len(rows))
+        assert metrics[f"{model}/test/log_loss"] > 0
 
     client, experiment = tiny_pipeline.mlflow()
     parents = client.search_runs(
@@ -69,18 +73,23 @@ def test_repro_runs_every_stage_and_logs_each_to_mlflow(tiny_pipeline: PipelineC
     assert sorted(run.data.tags["pipeline.stage"] for run in children) == logged
     by_stage = {run.data.tags["pipeline.stage"]: run for run in children}
     assert by_stage["train_head"].data.params["head.learning_rate"] == "0.0001"
-    assert "val_loss" in by_stage["train_cnn"].data.metrics
+    assert "val/loss" in by_stage["train_cnn"].data.metrics
     for stage in ("train_cnn", "extract_features", "train_head", "finetune"):
         assert "system/cpu_utilization_percentage" in by_stage[stage].data.metrics, stage
-    history = client.get_metric_history(by_stage["train_cnn"].info.run_id, "val_loss")
-    assert [m.step for m in history] == [0, 1]  # one point per epoch
+    history = client.get_metric_history(by_stage["train_cnn"].info.run_id, "val/loss")
+    assert [m.step for m in history] == [1, 2]  # one point per epoch, counted from 1
+    assert not any(name.startswith("optimizer_") for name in by_stage["train_cnn"].data.params)
     artifacts = {a.path for a in client.list_artifacts(by_stage["evaluate"].info.run_id, "reports")}
     assert "reports/confusion_cnn.png" in artifacts and "reports/roc.png" in artifacts
     # The final test metrics are on the grouping run too, for MLflow's chart view.
     parent_metrics = client.get_run(parent.info.run_id).data.metrics
-    assert parent_metrics["transfer_test_accuracy"] == pytest.approx(
-        metrics["transfer"]["accuracy"]
+    assert parent_metrics["transfer/test/accuracy"] == pytest.approx(
+        metrics["transfer/test/accuracy"]
     )
+    # ...and the kept weights' validation scores, as reports/train_cnn/metrics.json has them.
+    trained = json.loads((root / "reports/train_cnn/metrics.json").read_text())
+    assert parent_metrics["cnn/val/accuracy"] == pytest.approx(trained["val/accuracy"])
+    assert parent_metrics["cnn/best_epoch"] == trained["best_epoch"]
     for run in children:
         assert run.info.status == "FINISHED"
         assert run.data.tags["git.commit"] == parent.data.tags["git.commit"]

@@ -6,7 +6,7 @@ from pipeline.plots import training_history
 
 
 def test_history_figure_draws_train_and_validation_per_metric() -> None:
-    history = {"loss": [0.7, 0.5], "val_loss": [0.6, 0.6], "accuracy": [0.5, 0.8]}
+    history = {"train/loss": [0.7, 0.5], "val/loss": [0.6, 0.6], "train/accuracy": [0.5, 0.8]}
     figure = training_history(history, "head")
     loss_axis, accuracy_axis = figure.axes
     assert [line.get_label() for line in loss_axis.lines] == ["train", "validation"]

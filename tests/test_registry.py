@@ -16,25 +16,25 @@ class FakeModel:
 
 MODELS = [
     FakeModel(
-        "m-1", "cnn", [Metric("test_accuracy", 0.7, 0, 0), Metric("test_log_loss", 0.6, 0, 0)]
+        "m-1", "cnn", [Metric("test/accuracy", 0.7, 0, 0), Metric("test/log_loss", 0.6, 0, 0)]
     ),
     FakeModel(
-        "m-2", "transfer", [Metric("test_accuracy", 0.9, 0, 0), Metric("test_log_loss", 0.3, 0, 0)]
+        "m-2", "transfer", [Metric("test/accuracy", 0.9, 0, 0), Metric("test/log_loss", 0.3, 0, 0)]
     ),
     FakeModel(
-        "m-3", "transfer", [Metric("test_accuracy", 0.8, 0, 0), Metric("test_log_loss", 0.2, 0, 0)]
+        "m-3", "transfer", [Metric("test/accuracy", 0.8, 0, 0), Metric("test/log_loss", 0.2, 0, 0)]
     ),
     FakeModel("m-4", "cnn", []),  # trained but never evaluated
 ]
 
 
 def test_best_model_first_higher_or_lower_as_the_metric_wants() -> None:
-    assert [c.model_id for c in candidates(MODELS, "test_accuracy", None)] == ["m-2", "m-3", "m-1"]
-    assert [c.model_id for c in candidates(MODELS, "test_log_loss", None)] == ["m-3", "m-2", "m-1"]
+    assert [c.model_id for c in candidates(MODELS, "test/accuracy", None)] == ["m-2", "m-3", "m-1"]
+    assert [c.model_id for c in candidates(MODELS, "test/log_loss", None)] == ["m-3", "m-2", "m-1"]
 
 
 def test_candidates_can_be_limited_to_one_kind() -> None:
-    assert [c.model_id for c in candidates(MODELS, "test_accuracy", "cnn")] == ["m-1"]
+    assert [c.model_id for c in candidates(MODELS, "test/accuracy", "cnn")] == ["m-1"]
     assert candidates(MODELS, "test_f1", None) == []
 
 

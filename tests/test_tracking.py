@@ -46,9 +46,9 @@ def test_execution_identity(repo_config) -> None:
 def test_stages_of_one_execution_share_one_parent(workspace, repo_config, monkeypatch):
     monkeypatch.setenv("DVC_EXP_NAME", "brisk-lynx")
     with tracking.stage_run("split", repo_config, "common", "split") as first:
-        mlflow.log_metric("images_total", 10)
+        mlflow.log_metric("data/images_total", 10)
     with tracking.stage_run("evaluate", repo_config, "evaluate") as second:
-        tracking.log_to_parent(second, {"cnn_test_accuracy": 0.8})
+        tracking.log_to_parent(second, {"cnn/test/accuracy": 0.8})
 
     parent_id = tracking.parent_run_id(first)
     assert tracking.parent_run_id(second) == parent_id
@@ -56,7 +56,7 @@ def test_stages_of_one_execution_share_one_parent(workspace, repo_config, monkey
     parent = client.get_run(parent_id)
     assert parent.info.run_name == "brisk-lynx"
     assert parent.data.tags["dvc.exp_name"] == "brisk-lynx"
-    assert parent.data.metrics == {"cnn_test_accuracy": 0.8}
+    assert parent.data.metrics == {"cnn/test/accuracy": 0.8}
     split = client.get_run(first.info.run_id)
     fraction = repo_config.split.validation_fraction
     assert split.data.params["split.validation_fraction"] == str(fraction)
@@ -124,7 +124,7 @@ def test_the_parent_lasts_from_the_first_stage_start_to_the_last_stage_end(works
     with tracking.stage_run("split", repo_config, "split") as first:
         pass
     with tracking.stage_run("augment", repo_config, "augment") as last:
-        mlflow.log_metric("variants_written", 1)
+        mlflow.log_metric("data/variants_written", 1)
     client = MlflowClient(tracking.tracking_uri())
     parent = client.get_run(tracking.parent_run_id(last)).info
     first, last = (client.get_run(r.info.run_id).info for r in (first, last))

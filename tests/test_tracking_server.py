@@ -44,13 +44,13 @@ def test_pipeline_logs_to_a_shared_server_and_the_champion_predicts(tmp_path) ->
         models = client.search_logged_models([experiment.experiment_id])
         assert sorted(m.name for m in models) == ["cnn", "finetuned", "transfer"]
         for model in models:
-            assert {m.key for m in model.metrics} >= {"test_accuracy", "test_log_loss"}
+            assert {m.key for m in model.metrics} >= {"test/accuracy", "test/log_loss"}
 
         promoted = copy.run(copy.python, "-m", "pipeline.registry", "promote")
         assert "alias @champion" in promoted
         version = client.get_model_version_by_alias("dogs-vs-cats", "champion")
         assert version.version == "1"
-        best = max(models, key=lambda m: {x.key: x.value for x in m.metrics}["test_accuracy"])
+        best = max(models, key=lambda m: {x.key: x.value for x in m.metrics}["test/accuracy"])
         assert version.source == f"models:/{best.model_id}"
         # Promoting the same best model again reuses its version.
         copy.run(copy.python, "-m", "pipeline.registry", "promote", "--alias", "prod")

@@ -38,14 +38,14 @@ def test_head_learns_separable_features_and_outputs_are_saved(tmp_path: Path) ->
         cfg,
         log_to_mlflow=False,
     )
-    assert history["val_accuracy"][-1] > 0.9
+    assert history["val/accuracy"][-1] > 0.9
     summary = save_training_outputs(
         {tmp_path / "m/head.keras": model}, history, tmp_path / "r", "t"
     )
     assert (tmp_path / "m/head.keras").exists() and (tmp_path / "r/history.png").exists()
     rows = list(csv.DictReader((tmp_path / "r/history.csv").open()))
     assert len(rows) == summary["epochs_run"] and rows[0]["epoch"] == "1"
-    assert {"loss", "val_loss", "accuracy", "val_accuracy"} <= set(rows[0])
+    assert {"train/loss", "val/loss", "train/accuracy", "val/accuracy"} <= set(rows[0])
 
 
 def test_fit_keeps_the_best_epochs_weights_not_the_last(tmp_path: Path) -> None:
@@ -62,10 +62,10 @@ def test_fit_keeps_the_best_epochs_weights_not_the_last(tmp_path: Path) -> None:
     model = build_head(6, cfg)
     validation = feature_dataset(val, val_labels.astype(np.int8), 8)
     history = fit(model, feature_dataset(features, labels, 8, 0), validation, cfg, False)
-    best = int(np.argmin(history["val_loss"]))
-    assert best < len(history["val_loss"]) - 1  # the last epoch is worse than the best
+    best = int(np.argmin(history["val/loss"]))
+    assert best < len(history["val/loss"]) - 1  # the last epoch is worse than the best
     loss = model.evaluate(validation, verbose=0, return_dict=True)["loss"]
-    assert loss == pytest.approx(history["val_loss"][best], rel=1e-4)
+    assert loss == pytest.approx(history["val/loss"][best], rel=1e-4)
 
 
 def test_fit_exits_with_a_message_when_every_epoch_diverged() -> None:
@@ -135,7 +135,7 @@ def test_steps_per_execution_changes_no_update(tmp_path: Path) -> None:
         )
         trained[per_call] = (model.get_weights(), history)
     (one_weights, one_history), (four_weights, four_history) = trained[1], trained[4]
-    assert one_history == four_history and len(one_history["loss"]) == 3
+    assert one_history == four_history and len(one_history["train/loss"]) == 3
     for one, four in zip(one_weights, four_weights, strict=True):
         np.testing.assert_array_equal(one, four)
 
@@ -152,16 +152,17 @@ def test_epoch_metrics_are_in_the_store_before_the_run_ends(tmp_path: Path, monk
     with mlflow.start_run() as run:
         history = fit(build_head(4, cfg), data, data, cfg)
         client = MlflowClient(uri)
-        logged = client.get_metric_history(run.info.run_id, "val_loss")
+        logged = client.get_metric_history(run.info.run_id, "val/loss")
         logged_run = client.get_run(run.info.run_id)
         keys = set(logged_run.data.metrics)
         artifacts = {artifact.path for artifact in client.list_artifacts(run.info.run_id)}
-    assert [m.step for m in logged] == [0, 1, 2]
-    assert [m.value for m in logged] == pytest.approx(history["val_loss"])
-    assert {"loss", "accuracy", "val_accuracy"} <= keys
-    assert not any(key.startswith("validation_") for key in keys)
-    # What MLflow's callback logs as training begins is kept.
-    assert float(logged_run.data.params["optimizer_learning_rate"]) == pytest.approx(
-        cfg.learning_rate
-    )
+    assert [m.step for m in logged] == [1, 2, 3]  # epochs count from 1, as in history.csv
+    assert [m.value for m in logged] == pytest.approx(history["val/loss"])
+    assert {"train/loss", "train/accuracy", "val/accuracy"} == keys - {
+        "val/loss",
+        "val/auc",
+        "train/auc",
+    }
+    # No optimizer_* params repeating the stage's own, no per-evaluation validation_* metrics.
+    assert logged_run.data.params == {}
     assert "model_summary.txt" in artifacts
