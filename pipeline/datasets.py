@@ -76,10 +76,10 @@ def image_dataset(
     With several `replicas`, what of the last batch would leave one of them empty is left out
     (`left_out_of_last_batch`).
 
-    With `cache_file`, the first epoch decodes and resizes each image once and stores it as
-    uint8 in that file; later epochs read it back instead of decoding JPEGs again, which on
-    a CPU leaves both cores to training. The file holds N x height x width x 3 bytes, on
-    disk rather than in memory, so memory stays flat as the dataset grows.
+    With `cache_file`, each image is decoded and resized once, here, and stored as uint8 in
+    that file; every epoch reads it back instead of decoding JPEGs again, which on a CPU
+    leaves both cores to training. The file holds N x height x width x 3 bytes, on disk
+    rather than in memory, so memory stays flat as the dataset grows.
     """
     images = list(images)
     paths = [str(item.path) for item in images]
@@ -102,10 +102,23 @@ def image_dataset(
     )
     if cache_file is not None:
         dataset = dataset.map(lambda image, label: (to_uint8(image), label)).cache(str(cache_file))
+        fill(dataset)
         if shuffle_seed is not None:
             dataset = dataset.shuffle(CACHED_SHUFFLE_BUFFER, seed=shuffle_seed)
         dataset = dataset.map(lambda image, label: (tf.cast(image, tf.float32), label))
     return dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+
+
+def fill(cached: tf.data.Dataset) -> None:
+    """Reads a cached dataset through once, so that its cache file is complete before anyone
+    reads part of it. Keras reads one batch of the training and validation data to build the
+    model before the first epoch; from a cache still being written, such a partial read
+    throws the part written away, with a warning each time."""
+    for _ in cached.batch(FILL_BATCH).prefetch(1):
+        pass
+
+
+FILL_BATCH = 256  # images per step of `fill`: few Python round trips, ~17 MB at 150x150
 
 
 def to_uint8(image):

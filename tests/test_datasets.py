@@ -150,3 +150,14 @@ def test_mirror_averages_each_images_and_its_mirrors_probability() -> None:
     np.testing.assert_allclose(plain, model.predict(images, verbose=0).ravel(), rtol=1e-6)
     assert not np.allclose(plain, mirrored)
     np.testing.assert_allclose(averaged, (plain + mirrored) / 2, rtol=1e-6)
+
+
+def test_the_cache_is_complete_before_anything_reads_part_of_it(images, tmp_path: Path) -> None:
+    """Keras reads one batch to build the model before the first epoch: from a cache still
+    being written, that would throw the cache away (TensorFlow's "did not fully read" warning)."""
+    cache = tmp_path / "train"
+    dataset = image_dataset(images, SIZE, 5, shuffle_seed=0, cache_file=cache)
+    index = Path(f"{cache}.index")
+    assert index.is_file()  # written whole, before any epoch
+    next(iter(dataset))  # a partial read
+    assert index.is_file() and len(epoch(dataset)[1]) == len(images)
