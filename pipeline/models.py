@@ -6,7 +6,9 @@ of a dog, so a saved `.keras` file is all `pipeline.predict` needs.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import sys
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -261,6 +263,21 @@ BACKBONES: dict[str, BackboneSpec] = {
 }
 
 
+@contextlib.contextmanager
+def download_bar_on_a_terminal_only() -> Iterator[None]:
+    """Keras draws the weights' download progress with ANSI colour codes, a new line for each
+    update when stdout is not a terminal; in a log, it is left out (Keras's interactive
+    logging off: it then goes to absl's INFO log, hidden)."""
+    if sys.stdout.isatty() or not keras.config.is_interactive_logging_enabled():
+        yield
+        return
+    keras.config.disable_interactive_logging()
+    try:
+        yield
+    finally:
+        keras.config.enable_interactive_logging()
+
+
 def build_backbone(cfg: FeaturesConfig) -> keras.Model:
     """The backbone's convolutional base with its own `preprocess_input`, taking 0-255 RGB."""
     spec = BACKBONES[cfg.backbone]
@@ -273,7 +290,8 @@ def build_backbone(cfg: FeaturesConfig) -> keras.Model:
             "and set features.weights: imagenet."
         )
     try:
-        base = spec.build(include_top=False, weights=weights, input_shape=(*cfg.image_size, 3))
+        with download_bar_on_a_terminal_only():
+            base = spec.build(include_top=False, weights=weights, input_shape=(*cfg.image_size, 3))
     except Exception as error:  # Keras raises several types for a failed fetch or a bad file
         raise WeightsUnavailableError(weights_help(cfg, error)) from error
     base.trainable = False

@@ -4,9 +4,16 @@ argument types the command-line tools share."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
+import glob
+import importlib.abc
+import importlib.util
+import os
+import re
 import sys
-from collections.abc import Callable
+import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 # The shell's convention for a process ended by SIGINT (128 + 2): `make` and DVC stop too.
@@ -33,6 +40,84 @@ def run(main: Callable[[], None]) -> None:
         print(f"{name}: interrupted", file=sys.stderr)
         sys.exit(INTERRUPTED)
     gc.freeze()
+
+
+def quiet_tensorflow_logs() -> None:
+    """TensorFlow's C++ start-up lines (oneDNN, CPU features, CUDA stubs) left out, and on a
+    machine without an NVIDIA GPU also its CUDA probe, which it logs as an error (`failed
+    call to cuInit`) though nothing is wrong; with a GPU its warnings and errors stay.
+
+    A `TF_CPP_MIN_LOG_LEVEL` the user set is kept, and then nothing is filtered:
+    `TF_CPP_MIN_LOG_LEVEL=0` shows every line.
+    """
+    if "TF_CPP_MIN_LOG_LEVEL" in os.environ:
+        return
+    hidden = os.environ.get("CUDA_VISIBLE_DEVICES") in ("", "-1")
+    level = 1 if glob.glob("/dev/nvidia[0-9]*") and not hidden else 3
+    os.environ["TF_CPP_MIN_LOG_LEVEL"] = str(level)
+    if "tensorflow" not in sys.modules:
+        sys.meta_path.insert(0, _QuietTensorFlowImport(level))
+
+
+# A C++ log line: its severity letter (Info, Warning, Error, Fatal), then the date.
+LOG_LINE = re.compile(r"^([IWEF])\d{4} ")
+SEVERITIES = "IWEF"
+
+
+class _QuietTensorFlowImport(importlib.abc.MetaPathFinder):
+    """Imports TensorFlow with its C++ lines below `level` filtered out of stderr.
+
+    The lines its libraries log as they load come before TensorFlow reads
+    TF_CPP_MIN_LOG_LEVEL (absl logs everything until it is initialised, and says so), so the
+    variable alone cannot hide them; stderr is caught while the import runs and written back
+    without them.
+    """
+
+    def __init__(self, level: int) -> None:
+        self.level = level
+
+    def find_spec(self, name, path=None, target=None):
+        if name != "tensorflow":
+            return None
+        sys.meta_path.remove(self)  # once, and not for the lookup below
+        spec = importlib.util.find_spec(name)
+        if spec is not None and spec.loader is not None:
+            loader, level = spec.loader, self.level
+
+            class Loader(importlib.abc.Loader):
+                def create_module(self, spec):
+                    return loader.create_module(spec)
+
+                def exec_module(self, module):
+                    module.__loader__ = module.__spec__.loader = loader
+                    with _stderr_without_log_lines_below(level):
+                        loader.exec_module(module)
+
+            spec.loader = Loader()
+        return spec
+
+
+@contextlib.contextmanager
+def _stderr_without_log_lines_below(level: int) -> Iterator[None]:
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as caught:
+        os.dup2(caught.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            caught.seek(0)
+            for line in caught.read().decode(errors="replace").splitlines(keepends=True):
+                severity = LOG_LINE.match(line)
+                if "absl::InitializeLog()" in line:
+                    continue
+                if severity and SEVERITIES.index(severity[1]) < level:
+                    continue
+                sys.stderr.write(line)
+            sys.stderr.flush()
 
 
 def positive_int(text: str) -> int:

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import gc
+import glob
+import os
 import subprocess
 import sys
 
@@ -121,3 +123,40 @@ def test_a_stage_interrupted_by_sigint_exits_without_a_traceback(tmp_path) -> No
     _, err = child.communicate(timeout=30)
     assert child.returncode == 130
     assert err == "slow_stage: interrupted\n"
+
+
+@pytest.mark.parametrize(
+    ("devices", "visible", "level"),
+    [([], None, "3"), (["/dev/nvidia0"], None, "1"), (["/dev/nvidia0"], "-1", "3")],
+)
+def test_tensorflow_start_up_lines_and_the_cuda_probe_are_hidden_without_a_gpu(
+    monkeypatch, devices, visible, level
+) -> None:
+    monkeypatch.delenv("TF_CPP_MIN_LOG_LEVEL", raising=False)
+    if visible is None:
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    else:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+    monkeypatch.setattr(process.glob, "glob", lambda pattern: devices)
+    monkeypatch.setattr(sys, "meta_path", list(sys.meta_path))  # the import hook, undone
+    process.quiet_tensorflow_logs()
+    assert os.environ["TF_CPP_MIN_LOG_LEVEL"] == level
+
+
+def test_tensorflow_imports_without_its_start_up_lines_and_keeps_other_output() -> None:
+    code = (
+        "import sys, pipeline, tensorflow as tf; tf.constant(1).numpy(); "
+        "print('plain line', file=sys.stderr)"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TF_CPP_", "CUDA_"))}
+    result = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.splitlines() == ["plain line"] or glob.glob("/dev/nvidia[0-9]*")
+
+
+def test_a_tensorflow_log_level_the_user_set_is_kept(monkeypatch) -> None:
+    monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", "0")
+    process.quiet_tensorflow_logs()
+    assert os.environ["TF_CPP_MIN_LOG_LEVEL"] == "0"
