@@ -27,7 +27,7 @@ from pipeline import plots, process, tracking
 from pipeline.config import load_config_or_exit
 from pipeline.datasets import image_dataset, predict_dog_probability
 from pipeline.features import features_file, load_features
-from pipeline.files import atomic_files, write_json
+from pipeline.files import MLFLOW_IDS_FILE, atomic_files, write_json
 from pipeline.images import CLASS_NAMES, LabeledImage, list_split
 
 METRIC_NAMES = (
@@ -153,7 +153,7 @@ def attach_test_metrics(
     not on this stage's run, where every model's `test/accuracy` would collide.
 
     Returns a warning for each model whose id this tracking store does not know: the ids come
-    from the training stages' metrics.json, which git carries to clones whose store is
+    from the training stages' mlflow.json, which git carries to clones whose store is
     another (a new `mlflow.db`, a tracking server) until those stages run again there.
     """
     warnings = []
@@ -209,9 +209,9 @@ def main() -> None:
     except (FileNotFoundError, ValueError) as error:
         sys.exit(f"evaluate: {error}; run the training stages first")
     model_ids = {
-        "cnn": logged_model_id(paths.reports.train_cnn / "metrics.json"),
-        "transfer": logged_model_id(paths.reports.train_head / "metrics.json"),
-        "finetuned": logged_model_id(paths.reports.finetune / "metrics.json"),
+        "cnn": logged_model_id(paths.reports.train_cnn / MLFLOW_IDS_FILE),
+        "transfer": logged_model_id(paths.reports.train_head / MLFLOW_IDS_FILE),
+        "finetuned": logged_model_id(paths.reports.finetune / MLFLOW_IDS_FILE),
     }
     with tracking.stage_run("evaluate", cfg, "evaluate", "finetune") as run:
         files, labels, _ = predictions["cnn"]
@@ -243,7 +243,9 @@ SHARED_REPORTS = ("roc.png", "precision_recall.png", "calibration.png", "compari
 def report_paths(models: Iterable[str], reports: Path) -> dict[str, Path]:
     """Every file the stage writes for `models`, by name; metrics.json last."""
     names = [pattern.format(model) for model in models for pattern in PER_MODEL_REPORTS]
-    return {name: reports / name for name in [*names, *SHARED_REPORTS, "metrics.json"]}
+    return {
+        name: reports / name for name in [*names, *SHARED_REPORTS, MLFLOW_IDS_FILE, "metrics.json"]
+    }
 
 
 def write_reports(
@@ -252,8 +254,8 @@ def write_reports(
     reports: Path,
     ids: dict[str, str | None] | None = None,
 ) -> tuple[dict[str, dict[str, float]], list[Path]]:
-    """Metrics, per-image predictions, curves and figures of every model, and metrics.json
-    (the metrics and `ids`); returns the metrics and the files written.
+    """Metrics, per-image predictions, curves and figures of every model, metrics.json and
+    `ids` in mlflow.json; returns the metrics and the files written.
 
     The files replace the previous ones together once all are written (`atomic_files`): a
     failure part-way leaves the last run's reports whole, never a mix of two runs.
@@ -283,7 +285,8 @@ def write_reports(
         plots.precision_recall_curves(precision_recall).savefig(out["precision_recall.png"])
         plots.calibration(calibrations).savefig(out["calibration.png"])
         out["comparison.md"].write_text(comparison_table(results))
-        write_json(out["metrics.json"], {**named_by_model(results), **(ids or {})})
+        write_json(out[MLFLOW_IDS_FILE], ids or {})
+        write_json(out["metrics.json"], named_by_model(results))
     return results, list(targets.values())
 
 

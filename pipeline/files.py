@@ -22,6 +22,11 @@ from typing import Any
 DVC_TEMP_EXPERIMENTS = Path(".dvc") / "tmp" / "exps"
 
 
+# Beside a stage's metrics.json: its MLflow run and model ids. Ids, not metrics: a plain
+# DVC output, so that `dvc exp show` has no columns of ids.
+MLFLOW_IDS_FILE = "mlflow.json"
+
+
 def project_root(cwd: Path | None = None) -> Path:
     """The repository the user works in, also from inside a DVC temporary experiment copy
     or one of its subfolders.

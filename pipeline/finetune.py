@@ -15,7 +15,7 @@ import sys
 
 from pipeline import plots, process
 from pipeline.config import Config, PathsConfig, load_config_or_exit
-from pipeline.files import atomic_file, write_json
+from pipeline.files import MLFLOW_IDS_FILE, atomic_file, write_json
 from pipeline.history import write_history
 
 
@@ -30,7 +30,8 @@ def write_disabled_outputs(paths: PathsConfig) -> None:
     write_history(reports / "history.csv", {})
     with atomic_file(reports / "history.png") as staging:
         plots.training_history({}, "fine-tuning disabled").savefig(staging)
-    write_json(reports / "metrics.json", {"enabled": False})
+    write_json(reports / "metrics.json", {})  # no model of its own: no metrics, no MLflow ids
+    write_json(reports / MLFLOW_IDS_FILE, {})
 
 
 def finetune(cfg: Config) -> None:

@@ -15,7 +15,7 @@ from mlflow.models import infer_signature
 
 from pipeline import plots, tracking
 from pipeline.config import OptimizerMixin
-from pipeline.files import atomic_files, write_json
+from pipeline.files import MLFLOW_IDS_FILE, atomic_files, write_json
 from pipeline.history import (
     VALIDATION_LOSS,
     metric_name,
@@ -104,10 +104,9 @@ def log_and_record_model(
     reports: Path,
     summary: dict[str, float | int],
 ) -> mlflow.models.model.ModelInfo:
-    """Logs the model to MLflow and records its ids beside the stage's metrics.
-
-    `evaluate` reads `mlflow_model_id` to attach test metrics to the logged model, and
-    `dvc exp show` shows both ids as columns, the way from a DVC experiment to its runs.
+    """Logs the model to MLflow and records its ids in `mlflow.json` beside the stage's
+    metrics: `evaluate` reads `mlflow_model_id` there to attach test metrics to the logged
+    model, and git carries the file with each DVC experiment, the way from it to its runs.
 
     The stage's run gets the best epoch and the epochs run (its curves carry the scores);
     the execution's parent the scores of the weights kept, under the model's name
@@ -117,7 +116,7 @@ def log_and_record_model(
     tracking.log_to_parent(mlflow.active_run(), {f"{name}/{k}": v for k, v in summary.items()})
     info = log_keras_model(model, name, example)
     ids = {"mlflow_run_id": mlflow.active_run().info.run_id, "mlflow_model_id": info.model_id}
-    write_json(reports / "metrics.json", {**summary, **ids})
+    write_json(reports / MLFLOW_IDS_FILE, ids)
     return info
 
 

@@ -84,11 +84,13 @@ def test_reports_hold_every_figure_and_table(tmp_path: Path) -> None:
     names = {p.name for p in (tmp_path / "reports").iterdir()}
     assert names == {p.name for p in written}  # nothing else, no staging files left
     metrics = json.loads((tmp_path / "reports/metrics.json").read_text())
-    assert metrics["mlflow_run_id"] == "abc"
-    # The names MLflow's parent run has them by: cnn/test/accuracy.
-    assert {k: v for k, v in metrics.items() if k.startswith("cnn/")} == {
-        f"cnn/test/{name}": value for name, value in results["cnn"].items()
+    # Only the models' scores, by the names MLflow's parent run has them: cnn/test/accuracy.
+    assert metrics == {
+        f"{model}/test/{name}": value
+        for model, scores in results.items()
+        for name, value in scores.items()
     }
+    assert json.loads((tmp_path / "reports/mlflow.json").read_text()) == ids
     for expected in (
         "roc.png",
         "precision_recall.png",
