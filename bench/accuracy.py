@@ -87,8 +87,11 @@ def main(argv: Sequence[str] | None = None) -> Path:
         trained = json.loads((workdir / "reports/train_cnn/metrics.json").read_text())
         split = json.loads((workdir / "reports/split/summary.json").read_text())
         if args.cnn_only:
-            evaluated = {"cnn": predicted_test_metrics(copy, tta=True), "transfer": None}
-            without_tta = {"cnn": predicted_test_metrics(copy, tta=False)}
+            # Named as evaluate's metrics.json names them (cnn/test/accuracy).
+            evaluated, without_tta = (
+                {f"cnn/test/{k}": v for k, v in predicted_test_metrics(copy, tta).items()}
+                for tta in (True, False)
+            )
         else:
             evaluated = json.loads((workdir / "reports/evaluate/metrics.json").read_text())
             copy.dvc("exp", "run", "-S", "evaluate.tta=false")  # re-runs evaluate alone
@@ -106,7 +109,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
         "stage_seconds": stages,
         "cnn": cnn,
         "cnn_without_tta": test_scores(without_tta, "cnn"),
-        "transfer_random_vgg16": test_scores(evaluated, "transfer"),
+        "transfer_random_vgg16": test_scores(evaluated, "transfer") or None,
         "train_cnn": trained,
     }
     interval = f"{cnn['accuracy_ci_low']:.3f}-{cnn['accuracy_ci_high']:.3f}"
