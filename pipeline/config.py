@@ -179,6 +179,7 @@ class TrainCnnConfig(OptimizerMixin):
     label_smoothing: Annotated[float, Field(ge=0, lt=0.5)]
     random_augment: RandomAugmentConfig | None
     use_augmented: bool
+    batch_norm_recompute_images: Annotated[int, Field(ge=0)]
 
     @property
     def downsamplings(self) -> int:

@@ -18,7 +18,13 @@ from pipeline.config import load_config_or_exit
 from pipeline.datasets import training_datasets
 from pipeline.images import list_split
 from pipeline.models import build_cnn, for_inference
-from pipeline.training import fit, log_and_record_model, save_training_outputs
+from pipeline.training import (
+    fit,
+    log_and_record_model,
+    recompute_batch_norm_statistics,
+    save_training_outputs,
+    validation_scores,
+)
 
 
 def main() -> None:
@@ -59,8 +65,12 @@ def main() -> None:
             tracking.log_image_inputs(validation, "validation", "validation")
             history = fit(model, train_data, validation_data, params)
             trained = for_inference(model)
+            recomputed = recompute_batch_norm_statistics(
+                trained, train_data, params.batch_norm_recompute_images
+            )
+            final = validation_scores(trained, validation_data) if recomputed else None
             summary = save_training_outputs(
-                {paths.models.cnn: trained}, history, reports, "scratch CNN"
+                {paths.models.cnn: trained}, history, reports, "scratch CNN", final
             )
             mlflow.log_metrics(
                 {"data/train_images": len(train), "data/validation_images": len(validation)}
@@ -68,9 +78,10 @@ def main() -> None:
             mlflow.log_artifacts(str(reports), artifact_path="reports")
             example = next(iter(validation_data))[0][:2].numpy()
             log_and_record_model(trained, "cnn", example, reports, summary)
+    statistics = f", batch norm's statistics recomputed on {recomputed} images" if final else ""
     print(
         f"train_cnn: {summary['epochs_run']} epochs on {len(train)} images, best epoch "
-        f"{summary['best_epoch']} with validation accuracy {summary['val/accuracy']:.3f}; "
+        f"{summary['best_epoch']}{statistics}: validation accuracy {summary['val/accuracy']:.3f}; "
         f"saved {paths.models.cnn}"
     )
 

@@ -77,15 +77,74 @@ def fit(
     return result
 
 
+# Keras's random image layers: active in training only, so skipped when recomputing statistics.
+RANDOM_IMAGE_LAYERS = (
+    keras.layers.RandomFlip,
+    keras.layers.RandomRotation,
+    keras.layers.RandomZoom,
+    keras.layers.RandomTranslation,
+)
+
+
+def recompute_batch_norm_statistics(model: keras.Model, batches, images: int) -> int:
+    """Sets each batch norm layer's moving mean and variance to their average over the
+    first `images` of `batches` (`(images, labels)` batches) under the model's final weights
+    ("precise BN"), and returns how many images that was.
+
+    Training leaves moving averages that trail the weights by about 1 / (1 - momentum)
+    steps, computed while the weights kept changing: on a small split that is an epoch or
+    more, and the model predicts with statistics of weights it no longer has (biased
+    towards one class). The model's random augmentation is skipped, so the statistics are
+    those of images as they are predicted.
+    """
+    norms = [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    if not norms or images <= 0:
+        return 0
+    first = next(
+        layer
+        for layer in model.layers
+        if not isinstance(layer, (keras.layers.InputLayer, *RANDOM_IMAGE_LAYERS))
+    )
+    unaugmented = keras.Model(first.input, model.output)
+    momentums = [layer.momentum for layer in norms]
+    seen = 0
+    for count, (batch, _labels) in enumerate(batches, start=1):
+        for layer in norms:  # the running mean of every batch so far
+            layer.momentum = (count - 1) / count
+        unaugmented(batch, training=True)
+        seen += len(batch)
+        if seen >= images:
+            break
+    for layer, momentum in zip(norms, momentums, strict=True):
+        layer.momentum = momentum
+    return seen
+
+
+def validation_scores(model: keras.Model, batches) -> dict[str, float]:
+    """`val/loss`, `val/accuracy` and `val/auc` of `model` as it is, as `fit` names them."""
+    metrics = {
+        "val/loss": keras.metrics.BinaryCrossentropy(),
+        "val/accuracy": keras.metrics.BinaryAccuracy(),
+        "val/auc": keras.metrics.AUC(),
+    }
+    for batch, labels in batches:
+        probs = model(batch, training=False)
+        for metric in metrics.values():
+            metric.update_state(keras.ops.reshape(labels, (-1, 1)), probs)
+    return {name: float(metric.result()) for name, metric in metrics.items()}
+
+
 def save_training_outputs(
     models: Mapping[Path, keras.Model],
     history: dict[str, list[float]],
     reports: Path,
     title: str,
+    final_scores: Mapping[str, float] | None = None,
 ) -> dict[str, float | int]:
     """The models (by path), history CSV and figure, and summary metrics, replacing the
-    previous ones together once all are written (`atomic_files`)."""
-    summary = summarize_history(history)
+    previous ones together once all are written (`atomic_files`). `final_scores` replace the
+    best epoch's where the kept model changed after training."""
+    summary = {**summarize_history(history), **(final_scores or {})}
     reports_written = [reports / name for name in ("history.csv", "history.png", "metrics.json")]
     with atomic_files(*models, *reports_written) as staged:
         *model_files, history_csv, history_png, metrics = staged

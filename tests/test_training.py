@@ -12,7 +12,12 @@ from mlflow.tracking import MlflowClient
 
 from pipeline.models import build_head
 from pipeline.train_head import feature_dataset
-from pipeline.training import fit, save_training_outputs
+from pipeline.training import (
+    fit,
+    recompute_batch_norm_statistics,
+    save_training_outputs,
+    validation_scores,
+)
 from tests.conftest import tiny_config
 
 
@@ -166,3 +171,58 @@ def test_epoch_metrics_are_in_the_store_before_the_run_ends(tmp_path: Path, monk
     # No optimizer_* params repeating the stage's own, no per-evaluation validation_* metrics.
     assert logged_run.data.params == {}
     assert "model_summary.txt" in artifacts
+
+
+def batch_norm_model() -> keras.Model:
+    """Random zoom, a conv, batch norm, pooling, a sigmoid: the CNN's shape in miniature."""
+    inputs = keras.Input((8, 8, 3))
+    x = keras.layers.RandomZoom(0.5, seed=0)(inputs)
+    x = keras.layers.Conv2D(4, 3, name="conv")(x)
+    x = keras.layers.BatchNormalization(name="norm")(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    return keras.Model(inputs, keras.layers.Dense(1, activation="sigmoid")(x))
+
+
+def test_batch_norm_statistics_become_the_average_over_the_images_without_augmentation() -> None:
+    rng = np.random.default_rng(0)
+    images = rng.uniform(0, 255, (48, 8, 8, 3)).astype("float32")
+    labels = rng.integers(0, 2, 48).astype("float32")
+    batches = tf.data.Dataset.from_tensor_slices((images, labels)).batch(16)
+    model = batch_norm_model()
+    norm = model.get_layer("norm")
+    norm.moving_mean.assign(np.full(4, 50.0))  # stale, as training leaves them
+    norm.moving_variance.assign(np.full(4, 9.0))
+
+    assert recompute_batch_norm_statistics(model, batches, images=32) == 32
+
+    # The conv's outputs on the first 32 images as given (no zoom), per batch of 16.
+    conv = keras.Model(model.input, model.get_layer("conv").output)
+    outputs = conv.predict(images[:32], verbose=0).reshape(2, -1, 4)
+    np.testing.assert_allclose(norm.moving_mean, outputs.mean(axis=1).mean(axis=0), rtol=1e-4)
+    np.testing.assert_allclose(norm.moving_variance, outputs.var(axis=1).mean(axis=0), rtol=1e-3)
+    assert norm.momentum == pytest.approx(0.99)  # Keras's, restored for any later training
+
+
+def test_batch_norm_statistics_stay_when_asked_for_no_images_or_there_is_no_batch_norm() -> None:
+    batches = tf.data.Dataset.from_tensor_slices((np.ones((4, 8, 8, 3)), np.ones(4))).batch(2)
+    model = batch_norm_model()
+    assert recompute_batch_norm_statistics(model, batches, images=0) == 0
+    np.testing.assert_array_equal(model.get_layer("norm").moving_mean, np.zeros(4))
+    plain = keras.Sequential(
+        [keras.Input((8, 8, 3)), keras.layers.Flatten(), keras.layers.Dense(1)]
+    )
+    assert recompute_batch_norm_statistics(plain, batches, images=4) == 0
+
+
+def test_validation_scores_are_the_models_accuracy_auc_and_loss_as_it_is() -> None:
+    rng = np.random.default_rng(1)
+    images = rng.uniform(0, 1, (20, 8, 8, 3)).astype("float32")  # probabilities short of 0 and 1
+    labels = rng.integers(0, 2, 20).astype("float32")
+    model = batch_norm_model()
+    probs = model.predict(images, verbose=0).ravel()
+    scores = validation_scores(model, tf.data.Dataset.from_tensor_slices((images, labels)).batch(8))
+    assert set(scores) == {"val/loss", "val/accuracy", "val/auc"}
+    assert scores["val/accuracy"] == pytest.approx(np.mean((probs >= 0.5) == labels))
+    clipped = np.clip(probs, 1e-7, 1 - 1e-7)
+    expected_loss = -np.mean(labels * np.log(clipped) + (1 - labels) * np.log(1 - clipped))
+    assert scores["val/loss"] == pytest.approx(expected_loss, rel=1e-3)
