@@ -6,6 +6,8 @@ explicitly. A bad file fails before any work starts, with one error naming every
 
 from __future__ import annotations
 
+import difflib
+import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -278,13 +280,33 @@ class Config(Section):
     evaluate: EvaluateConfig
 
 
+def _known_keys(loc: tuple[int | str, ...]) -> list[str]:
+    """The keys `Config` accepts in the mapping at `loc` (empty where `loc` is not a section)."""
+    model: Any = Config
+    for part in loc:
+        field = model.model_fields.get(part) if isinstance(part, str) else None
+        if field is None:
+            return []
+        # `RandomAugmentConfig | None` and the like: the section is the union's model.
+        models = [field.annotation, *typing.get_args(field.annotation)]
+        model = next((t for t in models if isinstance(t, type) and issubclass(t, BaseModel)), None)
+        if model is None:
+            return []
+    return list(model.model_fields)
+
+
+def _unknown_key_message(loc: tuple[int | str, ...]) -> str:
+    closest = difflib.get_close_matches(str(loc[-1]), _known_keys(loc[:-1]), n=1)
+    return f"unknown key (a typo of {closest[0]}?)" if closest else "unknown key (a typo?)"
+
+
 def format_validation_error(error: ValidationError) -> str:
     lines = [f"params.yaml has {error.error_count()} invalid value(s):"]
     for item in error.errors():
         where = ".".join(str(part) for part in item["loc"]) or "(top level)"
         message = item["msg"].removeprefix("Value error, ")
         if item["type"] == "extra_forbidden":
-            message = "unknown key (a typo?)"
+            message = _unknown_key_message(item["loc"])
         lines.append(f"  - {where}: {message}")
     return "\n".join(lines)
 
