@@ -54,6 +54,23 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or default_store()[0]
 
 
+def missing_sqlite_store(uri: str) -> Path | None:
+    """The file of a SQLite store `uri` names that does not exist yet, else None.
+
+    Opening such a store creates it: a reader (predict, compare, registry) checks first,
+    rather than leave an empty `mlflow.db` wherever it was run.
+    """
+    from sqlalchemy.engine import make_url  # MLflow's own dependency for its SQL stores
+
+    if not uri.startswith("sqlite:"):
+        return None
+    database = make_url(uri).database
+    if not database or database == ":memory:":
+        return None
+    path = Path(database).resolve()
+    return None if path.exists() else path
+
+
 def experiment_name() -> str:
     return os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
 
