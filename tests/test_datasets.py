@@ -150,3 +150,42 @@ def test_mirror_averages_each_images_and_its_mirrors_probability() -> None:
     np.testing.assert_allclose(plain, model.predict(images, verbose=0).ravel(), rtol=1e-6)
     assert not np.allclose(plain, mirrored)
     np.testing.assert_allclose(averaged, (plain + mirrored) / 2, rtol=1e-6)
+
+
+def test_the_cache_a_killed_run_left_is_removed_by_the_next_run(
+    images, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SIGKILL (or the OOM killer) skips every `with` block: the next run cleans up instead."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    script = (
+        "import sys, time\n"
+        "from pathlib import Path\n"
+        "from pipeline.datasets import training_datasets\n"
+        "from pipeline.images import LabeledImage\n"
+        "images = [LabeledImage(Path(p), 0) for p in sys.argv[1:]]\n"
+        "with training_datasets(images[:8], images[8:], (24, 20), 4, 0, True) as (train, _):\n"
+        "    for _ in train: pass\n"  # writes the cache
+        "    print('cached', flush=True)\n"
+        "    time.sleep(60)\n"
+    )
+    child = subprocess.Popen(
+        [sys.executable, "-c", script, *(str(i.path) for i in images)],
+        stdout=subprocess.PIPE,
+        env={**os.environ, "TMPDIR": str(scratch)},
+        text=True,
+    )
+    assert child.stdout.readline() == "cached\n"
+    child.send_signal(signal.SIGKILL)
+    child.wait(timeout=30)
+    (leftover,) = scratch.glob("pipeline-image-cache-*")  # beside autograph's own files
+    assert any(leftover.iterdir())  # the killed run's cache files
+
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    with training_datasets(images[:8], images[8:], SIZE, 4, seed=0, cache=True):
+        assert not leftover.exists()
