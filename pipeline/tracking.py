@@ -24,6 +24,7 @@ from mlflow.data.sources import LocalArtifactDatasetSource
 from mlflow.entities import Param, Run
 from mlflow.tracking import MlflowClient
 
+from pipeline import process
 from pipeline.config import PARAMS_FILE, Config, ConfigError, flatten, parse_config
 from pipeline.files import project_root
 from pipeline.images import CLASS_NAMES, LabeledImage
@@ -37,6 +38,10 @@ STAGE_TAG = "pipeline.stage"
 PARAMS_HASH_TAG = "pipeline.params_hash"
 COMMIT_TAG = "git.commit"
 DVC_EXP_TAG = "dvc.exp_name"
+# The process that opened a run: a later execution fails the runs a killed process left open.
+HOST_TAG = "pipeline.host"
+PID_TAG = "pipeline.pid"
+ENDED_TAG = "pipeline.ended"
 
 
 def default_store() -> tuple[str, str]:
@@ -176,6 +181,28 @@ def find_or_create_parent(
     return run
 
 
+def fail_abandoned_runs(client: MlflowClient, experiment_id: str) -> list[str]:
+    """Marks FAILED the runs still RUNNING whose process, on this host, has ended; their ids.
+
+    A stage killed outright (SIGKILL, out of memory) never closes its run, which MLflow would
+    show as running for ever. Runs of processes still running (a parallel queue), of other
+    hosts (a shared server) or from before these tags are left as they are.
+    """
+    host = process.this_host()
+    abandoned = []
+    for run in client.search_runs(
+        [experiment_id],
+        filter_string=f"attributes.status = 'RUNNING' and tags.`{HOST_TAG}` = '{host}'",
+    ):
+        pid = run.data.tags.get(PID_TAG, "")
+        if pid.isdigit() and process.has_ended(host, int(pid)):
+            ended = f"killed: process {pid} on {host} ended without closing this run"
+            client.set_tag(run.info.run_id, ENDED_TAG, ended)
+            client.set_terminated(run.info.run_id, "FAILED")
+            abandoned.append(run.info.run_id)
+    return abandoned
+
+
 @contextlib.contextmanager
 def stage_run(
     stage: str, cfg: Config, *sections: str, system_metrics: bool = False
@@ -192,10 +219,15 @@ def stage_run(
     mlflow.set_tracking_uri(tracking_uri())
     client = MlflowClient()
     experiment_id = ensure_experiment(client, experiment_name(), artifact_location)
+    fail_abandoned_runs(client, experiment_id)
     commit = git_commit()
     dvc_exp_name = os.environ.get("DVC_EXP_NAME")
     key, name = execution_identity(cfg, commit, dvc_exp_name)
-    tags = {PARAMS_HASH_TAG: params_hash(cfg)}
+    tags = {
+        PARAMS_HASH_TAG: params_hash(cfg),
+        HOST_TAG: process.this_host(),
+        PID_TAG: str(os.getpid()),
+    }
     if commit:
         tags[COMMIT_TAG] = commit
         tags["mlflow.source.git.commit"] = commit

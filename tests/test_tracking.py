@@ -102,3 +102,53 @@ def test_a_failing_stage_marks_its_run_failed(workspace, repo_config):
         raise SystemExit("download: boom")
     status = MlflowClient(tracking.tracking_uri()).get_run(run.info.run_id).info.status
     assert status == "FAILED"
+
+
+def test_runs_a_killed_process_left_running_are_failed_by_the_next_execution(
+    workspace, repo_config
+):
+    import os
+    import subprocess
+    import sys
+
+    from pipeline import process
+
+    script = (
+        "import os, signal, sys\n"
+        "from pathlib import Path\n"
+        "from pipeline import tracking\n"
+        "from pipeline.config import load_config\n"
+        "cfg = load_config(Path(sys.argv[1]))\n"
+        "with tracking.stage_run('train_cnn', cfg, 'train_cnn') as run:\n"
+        "    print(run.info.run_id, flush=True)\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n"  # as the OOM killer would
+    )
+    killed = subprocess.run(
+        [sys.executable, "-c", script, str(REPO_ROOT / "params.yaml")],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+        cwd=workspace,
+    )
+    assert killed.returncode == -9, killed.stderr
+    dead_id = killed.stdout.strip()
+    client = MlflowClient(tracking.tracking_uri())
+    assert client.get_run(dead_id).info.status == "RUNNING"
+    parent_id = client.get_run(dead_id).data.tags["mlflow.parentRunId"]
+    # As if killed between creating the parent and closing it (it carries the same owner).
+    client.update_run(parent_id, status="RUNNING")
+    # A stage another process is running now (a parallel queue) keeps its run open.
+    live = client.create_run(
+        client.get_run(dead_id).info.experiment_id,
+        tags={tracking.HOST_TAG: process.this_host(), tracking.PID_TAG: str(os.getppid())},
+    )
+
+    with tracking.stage_run("split", repo_config, "split") as run:
+        pass
+
+    dead = client.get_run(dead_id)
+    assert dead.info.status == "FAILED"
+    assert dead.data.tags[tracking.ENDED_TAG].startswith("killed: process ")
+    assert client.get_run(parent_id).info.status == "FAILED"
+    assert client.get_run(live.info.run_id).info.status == "RUNNING"
+    assert client.get_run(run.info.run_id).info.status == "FINISHED"
