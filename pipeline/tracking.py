@@ -8,6 +8,7 @@ the git commit plus a hash of `params.yaml`. Each stage logs one child run under
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -59,12 +60,8 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or default_store()[0]
 
 
-def missing_sqlite_store(uri: str) -> Path | None:
-    """The file of a SQLite store `uri` names that does not exist yet, else None.
-
-    Opening such a store creates it: a reader (predict, compare, registry) checks first,
-    rather than leave an empty `mlflow.db` wherever it was run.
-    """
+def sqlite_file(uri: str) -> Path | None:
+    """The database file of a SQLite tracking URI; None for any other store."""
     from sqlalchemy.engine import make_url  # MLflow's own dependency for its SQL stores
 
     if not uri.startswith("sqlite:"):
@@ -72,8 +69,35 @@ def missing_sqlite_store(uri: str) -> Path | None:
     database = make_url(uri).database
     if not database or database == ":memory:":
         return None
-    path = Path(database).resolve()
-    return None if path.exists() else path
+    return Path(database).resolve()
+
+
+def missing_sqlite_store(uri: str) -> Path | None:
+    """The file of a SQLite store `uri` names that does not exist yet, else None.
+
+    Opening such a store creates it: a reader (predict, compare, registry) checks first,
+    rather than leave an empty `mlflow.db` wherever it was run.
+    """
+    path = sqlite_file(uri)
+    return None if path is None or path.exists() else path
+
+
+@contextlib.contextmanager
+def store_lock(uri: str) -> Iterator[None]:
+    """Holds an exclusive lock beside a SQLite store while the block opens it.
+
+    MLflow creates or migrates a store on its first use, and processes doing that at once
+    crash (`duplicate column name`): the first stages of a parallel `dvc queue`. A server
+    migrates its own store once, so other URIs need no lock.
+    """
+    database = sqlite_file(uri)
+    if database is None:
+        yield
+        return
+    database.parent.mkdir(parents=True, exist_ok=True)
+    with database.with_name(f"{database.name}.lock").open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or its process dies
+        yield
 
 
 def experiment_name() -> str:
@@ -217,8 +241,9 @@ def stage_run(
     # (Read before set_tracking_uri, which exports MLFLOW_TRACKING_URI to the environment.)
     artifact_location = None if "MLFLOW_TRACKING_URI" in os.environ else default_store()[1]
     mlflow.set_tracking_uri(tracking_uri())
-    client = MlflowClient()
-    experiment_id = ensure_experiment(client, experiment_name(), artifact_location)
+    with store_lock(tracking_uri()):
+        client = MlflowClient()
+        experiment_id = ensure_experiment(client, experiment_name(), artifact_location)
     fail_abandoned_runs(client, experiment_id)
     commit = git_commit()
     dvc_exp_name = os.environ.get("DVC_EXP_NAME")

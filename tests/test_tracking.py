@@ -152,3 +152,47 @@ def test_runs_a_killed_process_left_running_are_failed_by_the_next_execution(
     assert client.get_run(parent_id).info.status == "FAILED"
     assert client.get_run(live.info.run_id).info.status == "RUNNING"
     assert client.get_run(run.info.run_id).info.status == "FINISHED"
+
+
+def test_four_stages_starting_at_once_on_a_fresh_store_all_log(workspace):
+    """A fresh SQLite store is created by MLflow's migrations, which crash when several
+    processes run them at once (`duplicate column name`): a parallel queue's first stages."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    go = workspace / "go"
+    script = (
+        "import sys, time\n"
+        "from pathlib import Path\n"
+        "import mlflow\n"
+        "from pipeline import tracking\n"
+        "from pipeline.config import load_config\n"
+        "cfg = load_config(Path(sys.argv[1]))\n"
+        "while not Path(sys.argv[2]).exists():\n"  # everything imported: start together
+        "    time.sleep(0.01)\n"
+        "with tracking.stage_run('split', cfg, 'split'):\n"
+        "    mlflow.log_metric('images_total', 1)\n"
+    )
+    children = [
+        subprocess.Popen(
+            [sys.executable, "-c", script, str(REPO_ROOT / "params.yaml"), str(go)],
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "PYTHONPATH": str(REPO_ROOT), "DVC_EXP_NAME": f"exp-{n}"},
+            cwd=workspace,
+        )
+        for n in range(4)
+    ]
+    time.sleep(1)
+    go.touch()
+    errors = [child.communicate(timeout=300)[1] for child in children]
+    assert [child.returncode for child in children] == [0] * 4, "\n".join(errors)
+    client = MlflowClient(tracking.tracking_uri())
+    runs = client.search_runs(
+        [client.get_experiment_by_name("dogs-vs-cats").experiment_id],
+        filter_string="tags.`pipeline.stage` = 'split'",
+    )
+    assert sorted(r.data.tags["dvc.exp_name"] for r in runs) == [f"exp-{n}" for n in range(4)]
+    assert all(r.data.metrics == {"images_total": 1} for r in runs)
