@@ -92,16 +92,22 @@ class PathsConfig(Section):
         return self
 
 
-class MirrorConfig(Section):
-    url: HttpUrl
+class FileCheck(Section):
+    """What a downloaded file must be, where known: its size in bytes and its SHA-256."""
+
     size: PositiveInt | None = None
     sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")] | None = None
+
+
+class MirrorConfig(FileCheck):
+    url: HttpUrl
 
 
 class DownloadConfig(Section):
     source: Literal["petimages", "kaggle", "local"]
     local_path: Path | None = None
     kaggle_competition: str
+    kaggle_train: FileCheck = FileCheck()  # the competition's train.zip
     petimages: MirrorConfig
 
     @field_validator("local_path", mode="before")
