@@ -329,12 +329,21 @@ def parse_config(raw: Any) -> Config:
 
 def load_config(path: Path = PARAMS_FILE) -> Config:
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"{path} not found: run from the repository root") from None
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"{path} is not UTF-8 text (byte {error.start})") from None
     except yaml.YAMLError as error:
-        raise ConfigError(f"{path} is not valid YAML: {error}") from None
+        raise ConfigError(f"{path} is not valid YAML: {yaml_problem(error)}") from None
     return parse_config(raw)
+
+
+def yaml_problem(error: yaml.YAMLError) -> str:
+    """PyYAML's error on one line: what and where, without its quote of the text."""
+    mark = getattr(error, "problem_mark", None)
+    where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+    return " ".join(f"{getattr(error, 'problem', None) or error}{where}".split())
 
 
 def load_config_or_exit(path: Path = PARAMS_FILE) -> Config:

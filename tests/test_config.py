@@ -145,3 +145,19 @@ def test_a_misspelt_top_level_section_is_refused_by_name(raw_params, tmp_path, r
     with pytest.raises(SystemExit) as exit_info:
         load_config_or_exit(tmp_path / "params.yaml")
     assert "  - trian_cnn: unknown key (a typo of train_cnn?)" in str(exit_info.value.code)
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        (b"\x80", "is not UTF-8 text (byte 0)"),
+        (b"{", "is not valid YAML: expected the node content, but found '<stream end>' (line 1,"),
+    ],
+    ids=["not-utf8", "cut-yaml"],
+)
+def test_an_unreadable_params_file_is_one_line(tmp_path, content, expected) -> None:
+    """Found by tests/test_fuzz.py: a traceback (not UTF-8), or PyYAML's multi-line quote."""
+    (tmp_path / "params.yaml").write_bytes(content)
+    with pytest.raises(ConfigError) as error:
+        load_config(tmp_path / "params.yaml")
+    assert expected in str(error.value) and "\n" not in str(error.value)
