@@ -80,7 +80,7 @@ format: $(BIN)/.installed
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
-## Create or migrate the MLflow database (before parallel dvc queues).
+## Create or migrate the MLflow database (the first stage does it too).
 mlflow-db: $(BIN)/.installed
 	@case "$(MLFLOW_URI)" in sqlite:*) $(BIN)/mlflow db upgrade "$(MLFLOW_URI)";; esac
 

@@ -65,6 +65,8 @@ def is_archive(path: Path) -> bool:
 
 def safe_member_path(name: str) -> PurePosixPath:
     """The entry's relative path, or an error if it is absolute or climbs out of the target."""
+    if not name or "\0" in name:  # zipfile cuts a name at NUL: `\0x` reads as ''
+        raise UnsafeArchiveError(f"refusing an entry named {name!r}: empty or with a NUL byte")
     normalized = name.replace("\\", "/")
     path = PurePosixPath(normalized)
     if (

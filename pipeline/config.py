@@ -6,6 +6,8 @@ explicitly. A bad file fails before any work starts, with one error naming every
 
 from __future__ import annotations
 
+import difflib
+import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -90,16 +92,22 @@ class PathsConfig(Section):
         return self
 
 
-class MirrorConfig(Section):
-    url: HttpUrl
+class FileCheck(Section):
+    """What a downloaded file must be, where known: its size in bytes and its SHA-256."""
+
     size: PositiveInt | None = None
     sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")] | None = None
+
+
+class MirrorConfig(FileCheck):
+    url: HttpUrl
 
 
 class DownloadConfig(Section):
     source: Literal["petimages", "kaggle", "local"]
     local_path: Path | None = None
     kaggle_competition: str
+    kaggle_train: FileCheck = FileCheck()  # the competition's train.zip
     petimages: MirrorConfig
 
     @field_validator("local_path", mode="before")
@@ -279,13 +287,33 @@ class Config(Section):
     evaluate: EvaluateConfig
 
 
+def _known_keys(loc: tuple[int | str, ...]) -> list[str]:
+    """The keys `Config` accepts in the mapping at `loc` (empty where `loc` is not a section)."""
+    model: Any = Config
+    for part in loc:
+        field = model.model_fields.get(part) if isinstance(part, str) else None
+        if field is None:
+            return []
+        # `RandomAugmentConfig | None` and the like: the section is the union's model.
+        models = [field.annotation, *typing.get_args(field.annotation)]
+        model = next((t for t in models if isinstance(t, type) and issubclass(t, BaseModel)), None)
+        if model is None:
+            return []
+    return list(model.model_fields)
+
+
+def _unknown_key_message(loc: tuple[int | str, ...]) -> str:
+    closest = difflib.get_close_matches(str(loc[-1]), _known_keys(loc[:-1]), n=1)
+    return f"unknown key (a typo of {closest[0]}?)" if closest else "unknown key (a typo?)"
+
+
 def format_validation_error(error: ValidationError) -> str:
     lines = [f"params.yaml has {error.error_count()} invalid value(s):"]
     for item in error.errors():
         where = ".".join(str(part) for part in item["loc"]) or "(top level)"
         message = item["msg"].removeprefix("Value error, ")
         if item["type"] == "extra_forbidden":
-            message = "unknown key (a typo?)"
+            message = _unknown_key_message(item["loc"])
         lines.append(f"  - {where}: {message}")
     return "\n".join(lines)
 
@@ -302,12 +330,21 @@ def parse_config(raw: Any) -> Config:
 
 def load_config(path: Path = PARAMS_FILE) -> Config:
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"{path} not found: run from the repository root") from None
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"{path} is not UTF-8 text (byte {error.start})") from None
     except yaml.YAMLError as error:
-        raise ConfigError(f"{path} is not valid YAML: {error}") from None
+        raise ConfigError(f"{path} is not valid YAML: {yaml_problem(error)}") from None
     return parse_config(raw)
+
+
+def yaml_problem(error: yaml.YAMLError) -> str:
+    """PyYAML's error on one line: what and where, without its quote of the text."""
+    mark = getattr(error, "problem_mark", None)
+    where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+    return " ".join(f"{getattr(error, 'problem', None) or error}{where}".split())
 
 
 def load_config_or_exit(path: Path = PARAMS_FILE) -> Config:

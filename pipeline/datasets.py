@@ -5,7 +5,6 @@ Kept apart from `pipeline.images` so the stages that only sort files never impor
 
 from __future__ import annotations
 
-import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -14,6 +13,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from pipeline.files import scratch_dir
 from pipeline.images import LabeledImage
 
 
@@ -141,12 +141,12 @@ def training_datasets(
     `batch_size` is the global batch, split over `replicas`.
 
     The folder (under `TMPDIR`) and its cache files are removed when the block ends, however
-    it ends.
+    it ends; if the process is killed first, by the next run (`files.scratch_dir`).
     """
-    with tempfile.TemporaryDirectory(prefix="pipeline-image-cache-") as folder:
+    with scratch_dir("pipeline-image-cache-") as folder:
 
         def cache_file(name: str) -> Path | None:
-            return Path(folder) / name if cache else None
+            return folder / name if cache else None
 
         yield (
             image_dataset(train, image_size, batch_size, seed, cache_file("train"), replicas),

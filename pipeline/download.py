@@ -23,7 +23,7 @@ from pathlib import Path
 import mlflow
 
 from pipeline import archives, process, tracking
-from pipeline.config import DownloadConfig, MirrorConfig, load_config_or_exit
+from pipeline.config import DownloadConfig, FileCheck, MirrorConfig, load_config_or_exit
 from pipeline.files import atomic_dir, project_root, write_json
 from pipeline.images import CLASS_NAMES, find_labeled_images
 
@@ -84,10 +84,15 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _matches(path: Path, mirror: MirrorConfig) -> bool:
-    if mirror.size is not None and path.stat().st_size != mirror.size:
-        return False
-    return mirror.sha256 is None or sha256_of(path) == mirror.sha256
+def mismatch(path: Path, check: FileCheck, setting: str) -> str | None:
+    """How `path` differs from the size and SHA-256 that `setting` in params.yaml pins, or None.
+
+    The size first: it costs nothing and catches a truncated transfer."""
+    if check.size is not None and (size := path.stat().st_size) != check.size:
+        return f"has {size} bytes, expected {check.size} ({setting}.size)"
+    if check.sha256 is not None and (actual := sha256_of(path)) != check.sha256:
+        return f"has SHA-256 {actual}, expected {check.sha256} ({setting}.sha256)"
+    return None
 
 
 def fetch_http(mirror: MirrorConfig, destination: Path, timeout: float = 60.0) -> Path:
@@ -98,7 +103,7 @@ def fetch_http(mirror: MirrorConfig, destination: Path, timeout: float = 60.0) -
     import requests
     from tqdm import tqdm
 
-    if destination.exists() and _matches(destination, mirror):
+    if destination.exists() and not mismatch(destination, mirror, "download.petimages"):
         return destination  # an intact earlier download: no network work
     partial = destination.with_name(destination.name + ".part")
     offset = partial.stat().st_size if partial.exists() else 0
@@ -129,19 +134,11 @@ def fetch_http(mirror: MirrorConfig, destination: Path, timeout: float = 60.0) -
             f"{partial.stat().st_size if partial.exists() else 0} bytes are kept in {partial}; "
             "run the stage again to resume, or use download.source: local with a copy you have."
         ) from error
-    size = partial.stat().st_size
-    if mirror.size is not None and size != mirror.size:
+    if problem := mismatch(partial, mirror, "download.petimages"):
         partial.unlink()
         raise DownloadError(
-            f"{url} gave {size} bytes, expected {mirror.size}: the file on the server changed "
-            "or the transfer broke. Run again; if it persists, update download.petimages.size."
-        )
-    if mirror.sha256 is not None and (actual := sha256_of(partial)) != mirror.sha256:
-        partial.unlink()
-        raise DownloadError(
-            f"{url} has SHA-256 {actual}, expected {mirror.sha256}: the file is corrupt or "
-            "changed upstream. Run again; if it persists, check and update "
-            "download.petimages.sha256."
+            f"{url} {problem}: the transfer broke or the file changed upstream. Run again; "
+            "if it persists, check the file and update that value."
         )
     os.replace(partial, destination)
     return destination
@@ -172,6 +169,11 @@ def kaggle_error_help(competition: str, error: Exception) -> str:
         )
     if status == 404:
         return f"Kaggle has no competition '{competition}': check download.kaggle_competition."
+    if name == "DataCorruptionError":
+        return (
+            f"The Kaggle download of '{competition}' did not match Kaggle's checksum (a broken "
+            "transfer): run again."
+        )
     if isinstance(error, (requests.ConnectionError, requests.Timeout)):
         return (
             "Could not reach Kaggle (network error). Check your connection or proxy and run "
@@ -180,18 +182,34 @@ def kaggle_error_help(competition: str, error: Exception) -> str:
     return f"The Kaggle download of '{competition}' failed ({name}, HTTP status {status})."
 
 
-def fetch_kaggle(competition: str) -> Path:
-    """Downloads the competition's files with `kagglehub`, using the user's Kaggle credentials."""
+KAGGLE_TRAIN = "train.zip"
+
+
+def fetch_kaggle(competition: str, check: FileCheck = FileCheck()) -> Path:
+    """Downloads the competition's files with `kagglehub`, using the user's Kaggle credentials.
+
+    kagglehub checks each transfer against Kaggle's MD5, but serves later runs from its cache
+    unchecked: a train.zip unlike its pinned size or SHA-256 is downloaded once more, afresh.
+    """
     try:
         import kagglehub
     except ImportError as error:
         raise DownloadError(
             "download.source is kaggle, but kagglehub is not installed: pip install -e '.[kaggle]'"
         ) from error
-    try:
-        return Path(kagglehub.competition_download(competition))
-    except Exception as error:
-        raise DownloadError(kaggle_error_help(competition, error)) from None
+    problem = None
+    for fresh in (False, True):
+        try:
+            folder = Path(kagglehub.competition_download(competition, force_download=fresh))
+        except Exception as error:
+            raise DownloadError(kaggle_error_help(competition, error)) from None
+        train = folder / KAGGLE_TRAIN
+        if not train.is_file() or not (problem := mismatch(train, check, "download.kaggle_train")):
+            return folder  # a competition without train.zip is refused for its layout
+    raise DownloadError(
+        f"Kaggle's {KAGGLE_TRAIN} {problem}, downloaded twice: Kaggle changed the file or the "
+        "value is wrong. Check the file and update that value, or set it to null."
+    )
 
 
 def link_reason(path: Path) -> str:
@@ -267,12 +285,20 @@ def resolve_local_path(cfg: DownloadConfig, raw: Path) -> Path:
     return path
 
 
+def kaggle_train_pin(folder: Path) -> dict[str, dict[str, int | str]]:
+    """The size and SHA-256 of the competition's train.zip, as `download.kaggle_train` pins them."""
+    train = folder / KAGGLE_TRAIN
+    if not train.is_file():
+        return {}
+    return {"kaggle_train": {"size": train.stat().st_size, "sha256": sha256_of(train)}}
+
+
 def acquire(cfg: DownloadConfig, raw: Path) -> Path:
     """The local file or folder holding the data for the configured source."""
     if cfg.source == "local":
         return resolve_local_path(cfg, raw)
     if cfg.source == "kaggle":
-        return fetch_kaggle(cfg.kaggle_competition)
+        return fetch_kaggle(cfg.kaggle_competition, cfg.kaggle_train)
     # Kept beside the data, out of DVC's outputs: a broken transfer resumes from here.
     downloads = raw.parent / ".downloads"
     downloads.mkdir(parents=True, exist_ok=True)
@@ -295,7 +321,8 @@ def main() -> None:
             mlflow.set_tag("error", str(error)[:5000])
             sys.exit(f"download: {error}")
         counts = {**summary.as_dict(), "skipped": len(skipped)}
-        write_json(report, {"source": cfg.download.source, **counts})
+        pin = kaggle_train_pin(source) if cfg.download.source == "kaggle" else {}
+        write_json(report, {"source": cfg.download.source, **counts, **pin})
         mlflow.log_metrics(
             {
                 "data/raw_images": summary.images,

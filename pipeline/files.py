@@ -8,14 +8,18 @@ could read, and the previous good output stays until the new one is ready.
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import re
 import secrets
 import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from pipeline.process import has_ended, this_host
 
 # `dvc exp run --queue` and `--temp` execute each experiment in a copy of the repository
 # under this folder; state shared between experiments (the MLflow store) lives above it.
@@ -119,6 +123,32 @@ def atomic_files(*targets: Path) -> Iterator[list[Path]]:
     block has written them all, so a failure never pairs a new output with an old one."""
     with contextlib.ExitStack() as stack:
         yield [stack.enter_context(atomic_file(target)) for target in targets]
+
+
+@contextlib.contextmanager
+def scratch_dir(prefix: str) -> Iterator[Path]:
+    """A private folder under the system temp folder (`TMPDIR`), removed when the block ends.
+
+    Its name holds this host and pid (`<prefix><host>-<pid>-<token>`): a run killed before
+    it could remove the folder (SIGKILL, out of memory) leaves it behind, and the next one
+    on this host removes every such folder whose process has ended.
+    """
+    root = Path(tempfile.gettempdir())
+    pattern = re.compile(
+        rf"{re.escape(prefix)}(?P<host>.+)-(?P<pid>[0-9]+)-[0-9a-f]{{{2 * STAGING_TOKEN_BYTES}}}"
+    )
+    for entry in root.glob(f"{glob.escape(prefix)}*"):
+        found = pattern.fullmatch(entry.name)
+        ended = found and has_ended(found["host"], int(found["pid"]))
+        if ended and entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+    token = secrets.token_hex(STAGING_TOKEN_BYTES)
+    folder = root / f"{prefix}{this_host()}-{os.getpid()}-{token}"
+    folder.mkdir(mode=0o700)
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def write_json(path: Path, data: Any) -> None:

@@ -144,11 +144,19 @@ def load_model(reference: str) -> keras.Model:
     from pipeline import tracking
 
     if ":/" in reference:
-        mlflow.set_tracking_uri(tracking.tracking_uri())
+        uri = tracking.tracking_uri()
+        if missing := tracking.missing_sqlite_store(uri):
+            sys.exit(
+                f"predict: cannot load {reference}: no MLflow store at {missing}; run predict "
+                "in the repository that trained it, or set MLFLOW_TRACKING_URI to its store"
+            )
+        mlflow.set_tracking_uri(uri)
         try:
             return mlflow.keras.load_model(reference)
         except mlflow.exceptions.MlflowException as error:
-            sys.exit(f"predict: cannot load {reference} from MLflow: {error.message}")
+            sys.exit(
+                f"predict: cannot load {reference} from the MLflow store {uri}: {error.message}"
+            )
     if not Path(reference).is_file():
         sys.exit(f"predict: model {reference} not found; train it with `dvc repro` first")
     if Path(reference).suffix == ".keras" and not is_keras_archive(Path(reference)):

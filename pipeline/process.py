@@ -1,5 +1,5 @@
-"""How each `python -m pipeline.<module>` runs: its `main()`, then a quick exit; and the
-argument types the command-line tools share."""
+"""How each `python -m pipeline.<module>` runs: its `main()`, then a quick exit; whether a
+run that left something behind is still running; the argument types the CLIs share."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import importlib.abc
 import importlib.util
 import os
 import re
+import socket
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
@@ -118,6 +119,25 @@ def _stderr_without_log_lines_below(level: int) -> Iterator[None]:
                     continue
                 sys.stderr.write(line)
             sys.stderr.flush()
+
+
+def this_host() -> str:
+    return socket.gethostname()
+
+
+def has_ended(host: str, pid: int) -> bool:
+    """Whether process `pid` of `host` has certainly ended. A process on another host, or
+    another user's, cannot be checked from here and counts as running: what it left stays.
+    (A reused pid also counts as running: its leftovers wait for a later run.)"""
+    if host != this_host() or pid <= 0:  # os.kill(0, ...) would signal our own group
+        return False
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # exists, another user's
+        return False
+    return False
 
 
 def positive_int(text: str) -> int:

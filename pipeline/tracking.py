@@ -8,6 +8,7 @@ the git commit plus a hash of `params.yaml`. Each stage logs one child run under
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -24,6 +25,7 @@ from mlflow.data.sources import LocalArtifactDatasetSource
 from mlflow.entities import Param, Run
 from mlflow.tracking import MlflowClient
 
+from pipeline import process
 from pipeline.config import PARAMS_FILE, Config, ConfigError, flatten, parse_config
 from pipeline.files import project_root
 from pipeline.images import CLASS_NAMES, LabeledImage
@@ -38,6 +40,10 @@ PARAMS_HASH_TAG = "pipeline.params_hash"
 COMMIT_TAG = "git.commit"
 DVC_EXP_TAG = "dvc.exp_name"
 FAILED_STAGE_TAG = "pipeline.failed_stage"
+# The process that opened a run: a later execution fails the runs a killed process left open.
+HOST_TAG = "pipeline.host"
+PID_TAG = "pipeline.pid"
+ENDED_TAG = "pipeline.ended"
 
 
 def default_store() -> tuple[str, str]:
@@ -53,6 +59,46 @@ def default_store() -> tuple[str, str]:
 
 def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or default_store()[0]
+
+
+def sqlite_file(uri: str) -> Path | None:
+    """The database file of a SQLite tracking URI; None for any other store."""
+    from sqlalchemy.engine import make_url  # MLflow's own dependency for its SQL stores
+
+    if not uri.startswith("sqlite:"):
+        return None
+    database = make_url(uri).database
+    if not database or database == ":memory:":
+        return None
+    return Path(database).resolve()
+
+
+def missing_sqlite_store(uri: str) -> Path | None:
+    """The file of a SQLite store `uri` names that does not exist yet, else None.
+
+    Opening such a store creates it: a reader (predict, compare, registry) checks first,
+    rather than leave an empty `mlflow.db` wherever it was run.
+    """
+    path = sqlite_file(uri)
+    return None if path is None or path.exists() else path
+
+
+@contextlib.contextmanager
+def store_lock(uri: str) -> Iterator[None]:
+    """Holds an exclusive lock beside a SQLite store while the block opens it.
+
+    MLflow creates or migrates a store on its first use, and processes doing that at once
+    crash (`duplicate column name`): the first stages of a parallel `dvc queue`. A server
+    migrates its own store once, so other URIs need no lock.
+    """
+    database = sqlite_file(uri)
+    if database is None:
+        yield
+        return
+    database.parent.mkdir(parents=True, exist_ok=True)
+    with database.with_name(f"{database.name}.lock").open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or its process dies
+        yield
 
 
 def experiment_name() -> str:
@@ -179,6 +225,31 @@ def close_parent(client: MlflowClient, parent: Run, stage: str, failed: bool) ->
     client.set_terminated(run_id, "FAILED" if failed_stage else "FINISHED")
 
 
+def fail_abandoned_runs(client: MlflowClient, experiment_id: str) -> list[str]:
+    """Marks FAILED the runs still RUNNING whose process, on this host, has ended; their ids.
+
+    A stage killed outright (SIGKILL, out of memory) never closes its run, which MLflow would
+    show as running for ever. Runs of processes still running (a parallel queue), of other
+    hosts (a shared server) or from before these tags are left as they are.
+    """
+    host = process.this_host()
+    abandoned = []
+    for run in client.search_runs(
+        [experiment_id],
+        filter_string=f"attributes.status = 'RUNNING' and tags.`{HOST_TAG}` = '{host}'",
+    ):
+        pid = run.data.tags.get(PID_TAG, "")
+        if pid.isdigit() and process.has_ended(host, int(pid)):
+            ended = f"killed: process {pid} on {host} ended without closing this run"
+            client.set_tag(run.info.run_id, ENDED_TAG, ended)
+            client.set_terminated(run.info.run_id, "FAILED")
+            abandoned.append(run.info.run_id)
+            parent_id = run.data.tags.get("mlflow.parentRunId")
+            if parent_id:  # failed until that stage succeeds, as `close_parent` keeps it
+                client.set_tag(parent_id, FAILED_STAGE_TAG, run.data.tags.get(STAGE_TAG, ""))
+    return abandoned
+
+
 @contextlib.contextmanager
 def stage_run(
     stage: str, cfg: Config, *sections: str, system_metrics: bool = False
@@ -193,12 +264,18 @@ def stage_run(
     # (Read before set_tracking_uri, which exports MLFLOW_TRACKING_URI to the environment.)
     artifact_location = None if "MLFLOW_TRACKING_URI" in os.environ else default_store()[1]
     mlflow.set_tracking_uri(tracking_uri())
-    client = MlflowClient()
-    experiment_id = ensure_experiment(client, experiment_name(), artifact_location)
+    with store_lock(tracking_uri()):
+        client = MlflowClient()
+        experiment_id = ensure_experiment(client, experiment_name(), artifact_location)
+    fail_abandoned_runs(client, experiment_id)
     commit = git_commit()
     dvc_exp_name = os.environ.get("DVC_EXP_NAME")
     key, name = execution_identity(cfg, commit, dvc_exp_name)
-    tags = {PARAMS_HASH_TAG: params_hash(cfg)}
+    tags = {
+        PARAMS_HASH_TAG: params_hash(cfg),
+        HOST_TAG: process.this_host(),
+        PID_TAG: str(os.getpid()),
+    }
     if commit:
         tags[COMMIT_TAG] = commit
         tags["mlflow.source.git.commit"] = commit
@@ -210,7 +287,10 @@ def stage_run(
     diff = None if before is None else params_diff(all_params, before)
     tags["mlflow.note.content"] = describe_execution(diff, baseline)
     parent = find_or_create_parent(client, experiment_id, key, name, tags, all_params)
-    # Running while one of its stages runs; the end time of a stage run before is kept.
+    # Running while one of its stages runs, owned by that stage's process (so a parallel
+    # execution does not take it for a killed one's); the end time of a stage before is kept.
+    for tag in (HOST_TAG, PID_TAG):
+        client.set_tag(parent.info.run_id, tag, tags[tag])
     client.update_run(parent.info.run_id, status="RUNNING")
     failed = True
     try:

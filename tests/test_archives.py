@@ -255,3 +255,20 @@ def test_many_small_entries_that_expand_together_are_refused(tmp_path: Path) -> 
             zf.writestr(f"train/cat.{i}.jpg", bytes(512 * 1024))  # each under the ratio floor
     with pytest.raises(UnsafeArchiveError, match=r"refusing many\.zip: it expands \d+x"):
         extract(tmp_path / "many.zip", tmp_path / "out")
+
+
+@pytest.mark.parametrize("kind", ["zip", "tar"])
+def test_an_entry_named_with_a_nul_byte_is_refused_by_name(tmp_path: Path, kind: str) -> None:
+    """Found by tests/test_fuzz.py: Python stops at such a name with a ValueError traceback
+    (tar) or an IndexError (zip, which cuts the name at the NUL to '')."""
+    archive = tmp_path / f"nul.{kind}"
+    if kind == "zip":
+        with zipfile.ZipFile(archive, "w") as zf:
+            zf.writestr(zipfile.ZipInfo("\0cat.jpg"), b"x")  # its name reads back as empty
+    else:
+        with tarfile.open(archive, "w") as tf:
+            info = tarfile.TarInfo("cat\0é.jpg")  # non-ASCII: a PAX header keeps the NUL
+            info.size = 1
+            tf.addfile(info, io.BytesIO(b"x"))
+    with pytest.raises(UnsafeArchiveError, match="empty or with a NUL byte"):
+        extract(archive, tmp_path / "out")

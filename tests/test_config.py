@@ -85,7 +85,12 @@ def test_config_is_frozen(repo_config) -> None:
         ({"features__weights": "weights.bin"}, "features.weights: must be 'imagenet', 'none'"),
         ({"train_cnn__optimizer": "adagrad"}, "train_cnn.optimizer: Input should be"),
         ({"train_cnn__epochs": "ten"}, "train_cnn.epochs: Input should be a valid integer"),
-        ({"head__lerning_rate": 0.1}, "head.lerning_rate: unknown key"),
+        ({"head__lerning_rate": 0.1}, "head.lerning_rate: unknown key (a typo of learning_rate?)"),
+        (
+            {"train_cnn__random_augment__horizontl_flip": True},
+            "train_cnn.random_augment.horizontl_flip: unknown key (a typo of horizontal_flip?)",
+        ),
+        ({"head__colour": "red"}, "head.colour: unknown key (a typo?)"),
         (
             {"augment__image_size": [8, 8]},
             "augment.image_size.0: Input should be greater than or equal to 32",
@@ -139,4 +144,20 @@ def test_a_misspelt_top_level_section_is_refused_by_name(raw_params, tmp_path, r
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw_params))
     with pytest.raises(SystemExit) as exit_info:
         load_config_or_exit(tmp_path / "params.yaml")
-    assert "  - trian_cnn: unknown key (a typo?)" in str(exit_info.value.code)
+    assert "  - trian_cnn: unknown key (a typo of train_cnn?)" in str(exit_info.value.code)
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        (b"\x80", "is not UTF-8 text (byte 0)"),
+        (b"{", "is not valid YAML: expected the node content, but found '<stream end>' (line 1,"),
+    ],
+    ids=["not-utf8", "cut-yaml"],
+)
+def test_an_unreadable_params_file_is_one_line(tmp_path, content, expected) -> None:
+    """Found by tests/test_fuzz.py: a traceback (not UTF-8), or PyYAML's multi-line quote."""
+    (tmp_path / "params.yaml").write_bytes(content)
+    with pytest.raises(ConfigError) as error:
+        load_config(tmp_path / "params.yaml")
+    assert expected in str(error.value) and "\n" not in str(error.value)

@@ -161,3 +161,42 @@ def test_the_cache_is_complete_before_anything_reads_part_of_it(images, tmp_path
     assert index.is_file()  # written whole, before any epoch
     next(iter(dataset))  # a partial read
     assert index.is_file() and len(epoch(dataset)[1]) == len(images)
+
+
+def test_the_cache_a_killed_run_left_is_removed_by_the_next_run(
+    images, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SIGKILL (or the OOM killer) skips every `with` block: the next run cleans up instead."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    script = (
+        "import sys, time\n"
+        "from pathlib import Path\n"
+        "from pipeline.datasets import training_datasets\n"
+        "from pipeline.images import LabeledImage\n"
+        "images = [LabeledImage(Path(p), 0) for p in sys.argv[1:]]\n"
+        "with training_datasets(images[:8], images[8:], (24, 20), 4, 0, True) as (train, _):\n"
+        "    for _ in train: pass\n"  # writes the cache
+        "    print('cached', flush=True)\n"
+        "    time.sleep(60)\n"
+    )
+    child = subprocess.Popen(
+        [sys.executable, "-c", script, *(str(i.path) for i in images)],
+        stdout=subprocess.PIPE,
+        env={**os.environ, "TMPDIR": str(scratch)},
+        text=True,
+    )
+    assert child.stdout.readline() == "cached\n"
+    child.send_signal(signal.SIGKILL)
+    child.wait(timeout=30)
+    (leftover,) = scratch.glob("pipeline-image-cache-*")  # beside autograph's own files
+    assert any(leftover.iterdir())  # the killed run's cache files
+
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    with training_datasets(images[:8], images[8:], SIZE, 4, seed=0, cache=True):
+        assert not leftover.exists()

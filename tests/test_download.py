@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from pipeline import download
-from pipeline.config import DownloadConfig, MirrorConfig
+from pipeline.config import DownloadConfig, FileCheck, MirrorConfig
 from pipeline.download import (
     DownloadError,
     acquire,
@@ -326,3 +326,98 @@ def test_the_download_stage_names_each_skipped_link_on_one_line(
     assert not (raw / "train" / "cat.999.jpg").exists()
     summary = json.loads((stage_workspace / "reports/download/summary.json").read_text())
     assert summary["skipped"] == 1
+
+
+def fake_kaggle(tmp_path: Path, deliveries: list[bytes], calls: list[dict]):
+    """A `kagglehub.competition_download` whose cache holds `deliveries[0]` as train.zip, and
+    a fresh download (`force_download=True`) the next one."""
+
+    def download(handle: str, **kwargs) -> str:
+        calls.append(kwargs)
+        if kwargs.get("force_download") or not calls[:-1]:
+            folder = tmp_path / f"kagglehub-{len(calls)}"
+            folder.mkdir()
+            (folder / "train.zip").write_bytes(deliveries[min(len(calls), len(deliveries)) - 1])
+        return str(tmp_path / f"kagglehub-{len(calls)}")
+
+    return download
+
+
+def test_a_kaggle_file_unlike_its_pin_is_downloaded_again_once(tmp_path, monkeypatch) -> None:
+    import kagglehub
+
+    good = b"PK" + bytes(range(256)) * 4
+    calls: list[dict] = []
+    monkeypatch.setattr(
+        kagglehub, "competition_download", fake_kaggle(tmp_path, [good[:-9], good], calls)
+    )
+    check = FileCheck(size=len(good), sha256=hashlib.sha256(good).hexdigest())
+
+    folder = fetch_kaggle("dogs-vs-cats", check)
+
+    assert (folder / "train.zip").read_bytes() == good
+    assert [bool(c.get("force_download")) for c in calls] == [False, True]
+
+
+@pytest.mark.parametrize(
+    ("delivered", "expected"),
+    [
+        (
+            b"short",
+            r"Kaggle's train\.zip has 5 bytes, expected 1024 \(download\.kaggle_train\.size\)",
+        ),
+        (
+            b"x" * 1024,
+            r"Kaggle's train\.zip has SHA-256 [0-9a-f]{64}, expected 0{64} "
+            r"\(download\.kaggle_train\.sha256\)",
+        ),
+    ],
+    ids=["size", "sha256"],
+)
+def test_a_kaggle_file_unlike_its_pin_twice_is_refused(
+    tmp_path, monkeypatch, delivered, expected
+) -> None:
+    import kagglehub
+
+    monkeypatch.setattr(
+        kagglehub, "competition_download", fake_kaggle(tmp_path, [delivered], calls=[])
+    )
+    with pytest.raises(DownloadError, match=expected) as error:
+        fetch_kaggle("dogs-vs-cats", FileCheck(size=1024, sha256="0" * 64))
+    assert "\n" not in str(error.value)
+
+
+def test_a_kaggle_transfer_failing_its_checksum_says_so(monkeypatch) -> None:
+    import kagglehub
+    from kagglehub.exceptions import DataCorruptionError
+
+    def corrupt(handle: str, **kwargs) -> str:
+        raise DataCorruptionError("checksum mismatch")
+
+    monkeypatch.setattr(kagglehub, "competition_download", corrupt)
+    with pytest.raises(DownloadError, match="did not match Kaggle's checksum"):
+        fetch_kaggle("dogs-vs-cats", FileCheck())
+
+
+def test_the_kaggle_train_zip_size_and_sha256_are_reported_to_pin(
+    stage_workspace, tmp_path, monkeypatch, kaggle_zip
+) -> None:
+    import kagglehub
+
+    competition = tmp_path / "kagglehub-cache"
+    competition.mkdir()
+    shutil.copy(kaggle_zip, competition / "train.zip")
+    monkeypatch.setattr(kagglehub, "competition_download", lambda handle, **kw: str(competition))
+    set_params(stage_workspace, "download", source="kaggle")
+
+    download.main()
+
+    summary = json.loads((stage_workspace / "reports/download/summary.json").read_text())
+    payload = kaggle_zip.read_bytes()
+    assert summary["kaggle_train"] == {
+        "size": len(payload),
+        "sha256": hashlib.sha256(payload).hexdigest(),
+    }
+    # Pinned as reported, the same download passes the check.
+    set_params(stage_workspace, "download", kaggle_train=summary["kaggle_train"])
+    download.main()

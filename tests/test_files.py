@@ -116,3 +116,35 @@ def test_project_root_follows_dvc_root_when_dvc_runs_the_stage(tmp_path, monkeyp
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("DVC_ROOT", str(tmp_path / "user-repo"))
     assert project_root() == (tmp_path / "user-repo").resolve()
+
+
+def test_a_scratch_folder_of_a_dead_process_goes_and_live_or_foreign_ones_stay(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import socket
+    import subprocess
+    import sys
+    import tempfile
+
+    from pipeline.files import scratch_dir
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    ended.wait()  # reaped: its pid names no process now
+    host = socket.gethostname()
+    leftovers = {
+        "dead": f"cache-{host}-{ended.pid}-0123456789ab",
+        "live": f"cache-{host}-{os.getppid()}-0123456789ab",
+        "other-host": f"cache-elsewhere.example-{ended.pid}-0123456789ab",
+        "other-prefix": f"other-{host}-{ended.pid}-0123456789ab",
+    }
+    for name in leftovers.values():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "train.data").write_bytes(b"pixels")
+
+    with scratch_dir("cache-") as folder:
+        assert folder.parent == tmp_path and folder.is_dir()
+        assert folder.name.startswith(f"cache-{host}-{os.getpid()}-")
+        kept = {path.name for path in tmp_path.iterdir()} - {folder.name}
+    assert kept == {leftovers[k] for k in ("live", "other-host", "other-prefix")}
+    assert not folder.exists()

@@ -226,3 +226,34 @@ def test_predict_replaces_a_csv_it_wrote_before(tmp_path, model_path, header):
     main(["--model", str(model_path), str(tmp_path / "photos"), "--out", str(out)])
     rows = list(csv.DictReader(out.open()))
     assert len(rows) == 2 and set(rows[0]) == {"file", "prob_dog", "label"}
+
+
+def test_a_models_uri_outside_the_repository_names_the_store_and_creates_none(
+    tmp_path, monkeypatch
+):
+    from tests.conftest import jpeg_bytes, photo
+
+    (tmp_path / "cat.jpg").write_bytes(jpeg_bytes(photo(0, seed=1)))
+    monkeypatch.chdir(tmp_path)  # no dvc.yaml here or above: not a repository
+    for name in ("MLFLOW_TRACKING_URI", "DVC_ROOT"):
+        monkeypatch.setenv(name, "")  # set, then delete: teardown also removes what MLflow sets
+        monkeypatch.delenv(name)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--model", "models:/dogs-vs-cats@champion", "cat.jpg"])
+    message = str(exit_info.value.code)
+    assert f"no MLflow store at {tmp_path.resolve() / 'mlflow.db'}" in message
+    assert "\n" not in message
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cat.jpg"]  # no stray mlflow.db
+
+
+def test_a_models_uri_missing_from_the_store_names_the_store(tmp_path, monkeypatch):
+    import mlflow
+
+    from tests.conftest import jpeg_bytes, photo
+
+    (tmp_path / "cat.jpg").write_bytes(jpeg_bytes(photo(0, seed=1)))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    mlflow.MlflowClient(uri).search_experiments()  # creates the store, holding no model
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    with pytest.raises(SystemExit, match=f"from the MLflow store {uri}: "):
+        main(["--model", "models:/dogs-vs-cats@champion", str(tmp_path / "cat.jpg")])

@@ -142,3 +142,126 @@ def test_child_runs_are_named_after_their_stage_and_execution(workspace, repo_co
             pass
         names.append(MlflowClient(tracking.tracking_uri()).get_run(run.info.run_id).info.run_name)
     assert names == ["train_cnn · brisk-lynx", "train_cnn · calm-otter"]
+
+
+def test_a_failing_stage_marks_its_run_failed(workspace, repo_config):
+    with pytest.raises(SystemExit), tracking.stage_run("download", repo_config, "download") as run:
+        raise SystemExit("download: boom")
+    status = MlflowClient(tracking.tracking_uri()).get_run(run.info.run_id).info.status
+    assert status == "FAILED"
+
+
+def test_runs_a_killed_process_left_running_are_failed_by_the_next_execution(
+    workspace, repo_config
+):
+    import os
+    import subprocess
+    import sys
+
+    from pipeline import process
+
+    script = (
+        "import os, signal, sys\n"
+        "from pathlib import Path\n"
+        "from pipeline import tracking\n"
+        "from pipeline.config import load_config\n"
+        "cfg = load_config(Path(sys.argv[1]))\n"
+        "with tracking.stage_run('train_cnn', cfg, 'train_cnn') as run:\n"
+        "    print(run.info.run_id, flush=True)\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n"  # as the OOM killer would
+    )
+    killed = subprocess.run(
+        [sys.executable, "-c", script, str(REPO_ROOT / "params.yaml")],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+        cwd=workspace,
+    )
+    assert killed.returncode == -9, killed.stderr
+    dead_id = killed.stdout.strip()
+    client = MlflowClient(tracking.tracking_uri())
+    assert client.get_run(dead_id).info.status == "RUNNING"
+    parent_id = client.get_run(dead_id).data.tags["mlflow.parentRunId"]
+    # As if killed between creating the parent and closing it (it carries the same owner).
+    client.update_run(parent_id, status="RUNNING")
+    # A stage another process is running now (a parallel queue) keeps its run open.
+    live = client.create_run(
+        client.get_run(dead_id).info.experiment_id,
+        tags={tracking.HOST_TAG: process.this_host(), tracking.PID_TAG: str(os.getppid())},
+    )
+
+    with tracking.stage_run("split", repo_config, "split") as run:
+        pass
+
+    dead = client.get_run(dead_id)
+    assert dead.info.status == "FAILED"
+    assert dead.data.tags[tracking.ENDED_TAG].startswith("killed: process ")
+    assert client.get_run(parent_id).info.status == "FAILED"
+    assert client.get_run(live.info.run_id).info.status == "RUNNING"
+    assert client.get_run(run.info.run_id).info.status == "FINISHED"
+
+
+def test_four_stages_starting_at_once_on_a_fresh_store_all_log(workspace):
+    """A fresh SQLite store is created by MLflow's migrations, which crash when several
+    processes run them at once (`duplicate column name`): a parallel queue's first stages."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    go = workspace / "go"
+    script = (
+        "import sys, time\n"
+        "from pathlib import Path\n"
+        "import mlflow\n"
+        "from pipeline import tracking\n"
+        "from pipeline.config import load_config\n"
+        "cfg = load_config(Path(sys.argv[1]))\n"
+        "while not Path(sys.argv[2]).exists():\n"  # everything imported: start together
+        "    time.sleep(0.01)\n"
+        "with tracking.stage_run('split', cfg, 'split'):\n"
+        "    mlflow.log_metric('images_total', 1)\n"
+    )
+    children = [
+        subprocess.Popen(
+            [sys.executable, "-c", script, str(REPO_ROOT / "params.yaml"), str(go)],
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "PYTHONPATH": str(REPO_ROOT), "DVC_EXP_NAME": f"exp-{n}"},
+            cwd=workspace,
+        )
+        for n in range(4)
+    ]
+    time.sleep(1)
+    go.touch()
+    errors = [child.communicate(timeout=300)[1] for child in children]
+    assert [child.returncode for child in children] == [0] * 4, "\n".join(errors)
+    client = MlflowClient(tracking.tracking_uri())
+    runs = client.search_runs(
+        [client.get_experiment_by_name("dogs-vs-cats").experiment_id],
+        filter_string="tags.`pipeline.stage` = 'split'",
+    )
+    assert sorted(r.data.tags["dvc.exp_name"] for r in runs) == [f"exp-{n}" for n in range(4)]
+    assert all(r.data.metrics == {"images_total": 1} for r in runs)
+
+
+def test_a_parent_running_a_later_stage_is_owned_by_that_stages_process(workspace, repo_config):
+    """The parent carries the pid of the stage running under it, not of the first stage (long
+    ended), so a parallel execution's stage does not take it for a killed one's."""
+    import os
+    import subprocess
+    import sys
+
+    with tracking.stage_run("download", repo_config, "download") as first:
+        pass
+    client = MlflowClient(tracking.tracking_uri())
+    parent_id = tracking.parent_run_id(first)
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], text=True,
+                           capture_output=True, check=True).stdout.strip()  # fmt: skip
+    client.set_tag(parent_id, tracking.PID_TAG, ended)  # as the first stage's process left it
+    with tracking.stage_run("split", repo_config, "split"):
+        parent = client.get_run(parent_id)
+        assert parent.info.status == "RUNNING"
+        assert parent.data.tags[tracking.PID_TAG] == str(os.getpid())
+        assert tracking.fail_abandoned_runs(client, parent.info.experiment_id) == []
+    assert client.get_run(parent_id).info.status == "FINISHED"
