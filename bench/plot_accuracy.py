@@ -1,6 +1,6 @@
 """The README's accuracy figure, drawn from the measured rows in `bench/accuracy.csv`.
 
-Left: the learning curve, the default recipe's test accuracy against the training images.
+Left: the learning curve, each recipe's test accuracy against the training images.
 Right: each recipe's test accuracy against train_cnn's wall time on the full archive. Error
 bars are the 95% Wilson intervals `evaluate` reports. Each row of the CSV is one
 `python -m bench.accuracy` result, with its command and machine.
@@ -44,22 +44,24 @@ def read_results(path: Path) -> pd.DataFrame:
 
 
 def accuracy_figure(results: pd.DataFrame, full_size: int) -> Figure:
-    """Learning curve of the default recipe; accuracy against time at `full_size` images."""
+    """Learning curves; accuracy against train_cnn's time at `full_size` training images."""
     figure = Figure(figsize=(10, 4), layout="constrained")
     curve, timing = figure.subplots(1, 2)
-    default = results[results["recipe"] == "default"].sort_values("training_images")
-    curve.errorbar(
-        default["training_images"],
-        default["test_accuracy"],
-        yerr=errors(default),
-        marker="o",
-        capsize=3,
-    )
+    for recipe, rows in results.sort_values("training_images").groupby("recipe"):
+        curve.errorbar(
+            rows["training_images"],
+            rows["test_accuracy"],
+            yerr=errors(rows),
+            marker="o",
+            capsize=3,
+            label=recipe,
+        )
+    curve.legend()
     curve.set(
         xscale="log",
         xlabel="training images (log scale)",
         ylabel="test accuracy (95% CI)",
-        title="Default recipe: learning curve",
+        title="Learning curve",
     )
     full = results[(results["training_images"] == full_size) & results["train_cnn_min"].notna()]
     for recipe, rows in full.groupby("recipe"):

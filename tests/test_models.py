@@ -7,7 +7,7 @@ import keras
 import numpy as np
 import pytest
 
-from bench.accuracy import preset_overrides
+from bench.accuracy import PRESETS, preset_overrides
 from pipeline.config import Config, load_config
 from pipeline.models import (
     WeightsUnavailableError,
@@ -76,7 +76,7 @@ def test_tutorial_preset_builds_exactly_the_tutorials_network_and_optimizer(tmp_
     assert model.loss.get_config()["label_smoothing"] == 0
 
 
-@pytest.mark.parametrize("name", ["previous", "fast"])
+@pytest.mark.parametrize("name", sorted(path.stem for path in PRESETS.glob("*.txt")))
 def test_every_preset_is_valid_params(tmp_path, name) -> None:
     cfg = preset_config(tmp_path, name).train_cnn
     assert build_cnn(cfg).count_params() > 0
