@@ -173,14 +173,17 @@ def log_and_record_model(
     """
     mlflow.log_metrics({key: summary[key] for key in ("best_epoch", "epochs_run")})
     tracking.log_to_parent(mlflow.active_run(), {f"{name}/{k}": v for k, v in summary.items()})
-    info = log_keras_model(model, name, example)
+    # At the best epoch's step (its number, as EpochMetricsCallback logs it): MLflow links the
+    # run's metrics of that step to the model, so the model carries the scores of the weights
+    # early stopping restored (`val/accuracy`, `train/loss`, ...).
+    info = log_keras_model(model, name, example, step=int(summary["best_epoch"]))
     ids = {"mlflow_run_id": mlflow.active_run().info.run_id, "mlflow_model_id": info.model_id}
     write_json(reports / MLFLOW_IDS_FILE, ids)
     return info
 
 
 def log_keras_model(
-    model: keras.Model, name: str, example: np.ndarray
+    model: keras.Model, name: str, example: np.ndarray, step: int = 0
 ) -> mlflow.models.model.ModelInfo:
     """Logs a Keras model with the signature inferred from a small input example.
 
@@ -192,7 +195,7 @@ def log_keras_model(
     prediction = keras.ops.convert_to_numpy(model(example, training=False))
     signature = infer_signature(example, prediction)
     return mlflow.keras.log_model(
-        model, name=name, signature=signature, pip_requirements=model_requirements()
+        model, name=name, signature=signature, pip_requirements=model_requirements(), step=step
     )
 
 
