@@ -251,11 +251,12 @@ def test_the_logged_model_carries_the_metrics_of_the_epoch_whose_weights_it_hold
     validation = image_dataset(write_split_folder(tmp_path / "validation", 4), size, 8)
     cfg = tiny_config().head.model_copy(update={"epochs": 4, "patience": 4})
     model = colour_classifier(size)
-    with mlflow.start_run(), mlflow.start_run(nested=True):  # an execution's stage run
+    artifacts = (tmp_path / "artifacts").as_uri()  # not ./mlruns in the repository
+    experiment = mlflow.create_experiment("t", artifacts)
+    with mlflow.start_run(experiment_id=experiment), mlflow.start_run(nested=True):
         history = fit(model, train, validation, cfg)
         summary = save_training_outputs({tmp_path / "m.keras": model}, history, tmp_path, "t")
-        example = next(iter(validation))[0][:1].numpy()
-        info = log_and_record_model(model, "colours", example, tmp_path, summary)
+        info = log_and_record_model(model, tmp_path / "m.keras", "c", tmp_path, summary)
     best = summary["best_epoch"]
     assert best > 1  # else the first epoch's numbers would be the right ones too
     logged = {metric.key: metric for metric in mlflow.get_logged_model(info.model_id).metrics}
