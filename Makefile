@@ -29,9 +29,11 @@ SERVER_STORE ?= sqlite:///$(CURDIR)/mlflow-server/mlflow.db
 SERVER_ARTIFACTS ?= $(CURDIR)/mlflow-server/artifacts
 # The default MLflow store (see pipeline/tracking.py); MLFLOW_TRACKING_URI overrides it.
 MLFLOW_URI ?= $(or $(MLFLOW_TRACKING_URI),sqlite:///$(CURDIR)/mlflow.db)
+# What `make serve` serves: a registered model by alias, or any MLflow model URI.
+MODEL ?= models:/dogs-vs-cats@champion
 
 .PHONY: help pipeline test lint lint-ci format mlflow-ui mlflow-db mlflow-server compare promote \
-    clean-venv
+    serve clean-venv
 .DEFAULT_GOAL := help
 
 ## List the targets (this text).
@@ -103,6 +105,11 @@ compare: $(BIN)/.installed
 ## Register the best model as dogs-vs-cats@champion (ARGS=--help).
 promote: $(BIN)/.installed
 	$(BIN)/python -m pipeline.registry promote $(ARGS)
+
+## Serve MODEL (the champion) for photos at http://127.0.0.1:5000 (PORT=...).
+serve: $(BIN)/.installed
+	MLFLOW_TRACKING_URI='$(MLFLOW_URI)' $(BIN)/mlflow models serve -m '$(MODEL)' \
+	    --env-manager local --host 127.0.0.1 --port $(PORT)
 
 ## Remove the virtual environment.
 clean-venv:

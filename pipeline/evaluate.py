@@ -147,10 +147,13 @@ def logged_model_id(training_metrics: Path) -> str | None:
 
 
 def attach_test_metrics(
-    results: dict[str, dict[str, float]], model_ids: dict[str, str | None]
+    results: dict[str, dict[str, float]],
+    model_ids: dict[str, str | None],
+    dataset: mlflow.data.dataset.Dataset | None = None,
 ) -> list[str]:
     """Logs each model's test metrics on its MLflow logged model and the run that trained it,
-    not on this stage's run, where every model's `test/accuracy` would collide.
+    not on this stage's run, where every model's `test/accuracy` would collide; linked to
+    `dataset`, the test split, so the model lists them apart from its validation metrics.
 
     Returns a warning for each model whose id this tracking store does not know: the ids come
     from the training stages' mlflow.json, which git carries to clones whose store is
@@ -163,7 +166,7 @@ def attach_test_metrics(
         scores = {f"test/{name}": value for name, value in results[model].items()}
         try:
             source_run = mlflow.get_logged_model(model_id).source_run_id
-            mlflow.log_metrics(scores, model_id=model_id, run_id=source_run)
+            mlflow.log_metrics(scores, model_id=model_id, run_id=source_run, dataset=dataset)
         except mlflow.exceptions.MlflowException as error:
             warnings.append(
                 f"evaluate: {model}'s test metrics are not on its MLflow model {model_id}, "
@@ -215,7 +218,7 @@ def main() -> None:
     }
     with tracking.stage_run("evaluate", cfg, "evaluate", "finetune") as run:
         files, labels, _ = predictions["cnn"]
-        tracking.log_image_inputs(
+        test_set = tracking.log_image_inputs(
             [LabeledImage(Path(f), int(y)) for f, y in zip(files, labels, strict=True)],
             "test",
             "evaluation",
@@ -228,7 +231,7 @@ def main() -> None:
         flat = named_by_model(results)
         mlflow.log_metrics(flat)
         tracking.log_to_parent(run, flat)
-        for warning in attach_test_metrics(results, model_ids):
+        for warning in attach_test_metrics(results, model_ids, test_set):
             print(warning, file=sys.stderr)
         for path in written:  # not the whole folder: no fine-tuned reports of an earlier run
             mlflow.log_artifact(str(path), artifact_path="reports")

@@ -84,8 +84,7 @@ def finetune(cfg: Config) -> None:
             {paths.models.finetuned: trained}, history, reports, "fine-tuned backbone + head"
         )
         mlflow.log_artifacts(str(reports), artifact_path="reports")
-        example = next(iter(validation_data))[0][:1].numpy()
-        log_and_record_model(trained, "finetuned", example, reports, summary)
+        log_and_record_model(trained, paths.models.finetuned, "finetuned", reports, summary)
     print(
         f"finetune: {summary['epochs_run']} epochs with {', '.join(unfrozen)} unfrozen, best "
         f"validation accuracy {summary['val/accuracy']:.3f}; saved {paths.models.finetuned}"

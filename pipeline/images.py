@@ -40,6 +40,11 @@ def label_of(path: Path) -> int | None:
     return _FOLDER_LABELS.get(prefix)
 
 
+def label_of_probability(prob: float, threshold: float) -> str:
+    """ "cat" or "dog", as `predict` and a served model name the answer for P(dog) `prob`."""
+    return CLASS_NAMES[int(prob >= threshold)].removesuffix("s")
+
+
 def is_image_name(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")
 

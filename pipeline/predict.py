@@ -26,10 +26,10 @@ from typing import TYPE_CHECKING
 from pipeline import process
 from pipeline.files import atomic_file
 from pipeline.images import (
-    CLASS_NAMES,
     find_images,
     inspect_image,
     is_image_name,
+    label_of_probability,
     reencode_as_jpeg,
 )
 
@@ -73,10 +73,6 @@ def collect_inputs(
         if needs_reencoding:
             reencode.add(path)
     return readable, rejected, reencode
-
-
-def label_of_probability(prob: float, threshold: float) -> str:
-    return CLASS_NAMES[int(prob >= threshold)].removesuffix("s")
 
 
 def predict_files(
@@ -139,9 +135,8 @@ def load_model(reference: str) -> keras.Model:
     """A `.keras` file, or a model from MLflow by URI (`models:/name@alias`, `runs:/...`)."""
     import keras
     import mlflow
-    import mlflow.keras
 
-    from pipeline import tracking
+    from pipeline import serving, tracking
 
     if ":/" in reference:
         uri = tracking.tracking_uri()
@@ -152,7 +147,7 @@ def load_model(reference: str) -> keras.Model:
             )
         mlflow.set_tracking_uri(uri)
         try:
-            return mlflow.keras.load_model(reference)
+            return serving.load_keras_model(reference)
         except mlflow.exceptions.MlflowException as error:
             sys.exit(
                 f"predict: cannot load {reference} from the MLflow store {uri}: {error.message}"

@@ -5,7 +5,8 @@
 
 Every model the training stages log carries the test metrics `evaluate` attached to it
 (`test/accuracy`, `test/log_loss`, ...). Load the champion back with
-`python -m pipeline.predict --model models:/dogs-vs-cats@champion photos/`.
+`python -m pipeline.predict --model models:/dogs-vs-cats@champion photos/`, or serve it for
+photos over HTTP with `make serve` (`pipeline.serving`).
 """
 
 from __future__ import annotations

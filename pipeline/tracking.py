@@ -314,8 +314,11 @@ def comparable_params(cfg: Config) -> dict[str, Any]:
     return {k: v for k, v in flatten(cfg).items() if not k.startswith("paths.")}
 
 
-def log_image_inputs(images: Sequence[LabeledImage], name: str, context: str) -> None:
-    """Logs the image files a stage read as an MLflow dataset input (files and labels)."""
+def log_image_inputs(
+    images: Sequence[LabeledImage], name: str, context: str
+) -> mlflow.data.pandas_dataset.PandasDataset:
+    """Logs the image files a stage read as an MLflow dataset input (files and labels), and
+    returns the dataset, for metrics computed on it (`mlflow.log_metrics(dataset=...)`)."""
     frame = pd.DataFrame(
         {
             "file": [i.path.as_posix() for i in images],
@@ -326,6 +329,7 @@ def log_image_inputs(images: Sequence[LabeledImage], name: str, context: str) ->
     source = LocalArtifactDatasetSource(Path(folder).resolve().as_uri())
     dataset = mlflow.data.from_pandas(frame, source=source, targets="label", name=name)
     mlflow.log_input(dataset, context=context)
+    return dataset
 
 
 def parent_run_id(run: Run) -> str:

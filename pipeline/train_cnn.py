@@ -76,8 +76,7 @@ def main() -> None:
                 {"data/train_images": len(train), "data/validation_images": len(validation)}
             )
             mlflow.log_artifacts(str(reports), artifact_path="reports")
-            example = next(iter(validation_data))[0][:2].numpy()
-            log_and_record_model(trained, "cnn", example, reports, summary)
+            log_and_record_model(trained, paths.models.cnn, "cnn", reports, summary)
     statistics = f", batch norm's statistics recomputed on {recomputed} images" if final else ""
     print(
         f"train_cnn: {summary['epochs_run']} epochs on {len(train)} images, best epoch "

@@ -119,8 +119,7 @@ def main() -> None:
         )
         mlflow.log_artifacts(str(reports), artifact_path="reports")
         # The end-to-end model is the one to register and serve: it takes raw images.
-        example = np.zeros((1, *transfer.input_shape[1:]), dtype=np.float32)
-        log_and_record_model(transfer, "transfer", example, reports, summary)
+        log_and_record_model(transfer, paths.models.transfer, "transfer", reports, summary)
     print(
         f"train_head: {summary['epochs_run']} epochs on {len(train_y)} feature vectors, best "
         f"epoch {summary['best_epoch']} with validation accuracy "

@@ -4,16 +4,13 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Mapping
-from importlib.metadata import version
 from pathlib import Path
 
 import keras
 import mlflow
-import mlflow.keras
 import numpy as np
-from mlflow.models import infer_signature
 
-from pipeline import plots, tracking
+from pipeline import plots, serving, tracking
 from pipeline.config import OptimizerMixin
 from pipeline.files import MLFLOW_IDS_FILE, atomic_files, write_json
 from pipeline.history import (
@@ -158,12 +155,13 @@ def save_training_outputs(
 
 def log_and_record_model(
     model: keras.Model,
+    saved: Path,
     name: str,
-    example: np.ndarray,
     reports: Path,
     summary: dict[str, float | int],
 ) -> mlflow.models.model.ModelInfo:
-    """Logs the model to MLflow and records its ids in `mlflow.json` beside the stage's
+    """Logs the model, saved as `saved`, to MLflow as a model that takes photos
+    (`serving.log_photo_model`), and records its ids in `mlflow.json` beside the stage's
     metrics: `evaluate` reads `mlflow_model_id` there to attach test metrics to the logged
     model, and git carries the file with each DVC experiment, the way from it to its runs.
 
@@ -173,29 +171,10 @@ def log_and_record_model(
     """
     mlflow.log_metrics({key: summary[key] for key in ("best_epoch", "epochs_run")})
     tracking.log_to_parent(mlflow.active_run(), {f"{name}/{k}": v for k, v in summary.items()})
-    info = log_keras_model(model, name, example)
+    # At the best epoch's step (its number, as EpochMetricsCallback logs it): MLflow links the
+    # run's metrics of that step to the model, so the model carries the scores of the weights
+    # early stopping restored (`val/accuracy`, `train/loss`, ...).
+    info = serving.log_photo_model(model, saved, name, step=int(summary["best_epoch"]))
     ids = {"mlflow_run_id": mlflow.active_run().info.run_id, "mlflow_model_id": info.model_id}
     write_json(reports / MLFLOW_IDS_FILE, ids)
     return info
-
-
-def log_keras_model(
-    model: keras.Model, name: str, example: np.ndarray
-) -> mlflow.models.model.ModelInfo:
-    """Logs a Keras model with the signature inferred from a small input example.
-
-    The requirements are given rather than inferred: inferring them reloads the model in a
-    subprocess to watch its imports, 11.5 s per model against 0.1 s (`bench.incremental`).
-    """
-    # Called, not `predict`ed: under MirroredStrategy, predict splits the one-image example
-    # over the replicas and one of them gets none, which aborts.
-    prediction = keras.ops.convert_to_numpy(model(example, training=False))
-    signature = infer_signature(example, prediction)
-    return mlflow.keras.log_model(
-        model, name=name, signature=signature, pip_requirements=model_requirements()
-    )
-
-
-def model_requirements() -> list[str]:
-    """What loading a logged model needs: Keras and the backend it was saved with."""
-    return [f"keras=={version('keras')}", f"tensorflow=={version('tensorflow')}"]

@@ -17,6 +17,7 @@ from pipeline.evaluate import (
     write_predictions,
     write_reports,
 )
+from pipeline.images import LabeledImage
 
 
 def test_metrics_of_a_known_prediction() -> None:
@@ -135,6 +136,29 @@ def test_test_metrics_of_a_model_the_store_does_not_know_are_a_warning(tmp_path,
     logged = mlflow.get_logged_model(model.model_id)
     assert {metric.key: metric.value for metric in logged.metrics} == {"test/accuracy": 0.9}
     assert mlflow.get_run(training.info.run_id).data.metrics == {"test/accuracy": 0.9}
+
+
+def test_test_metrics_are_linked_to_the_model_and_the_test_split(tmp_path, monkeypatch):
+    import mlflow
+
+    from pipeline import tracking
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    test_images = [
+        LabeledImage(tmp_path / "cats/1.jpg", 0),
+        LabeledImage(tmp_path / "dogs/2.jpg", 1),
+    ]
+    with mlflow.start_run() as training:
+        model = mlflow.initialize_logged_model(name="cnn", source_run_id=training.info.run_id)
+    with mlflow.start_run():  # evaluate's run, which logs the test split as its input
+        test_set = tracking.log_image_inputs(test_images, "test", "evaluation")
+        assert (
+            attach_test_metrics({"cnn": {"accuracy": 0.75}}, {"cnn": model.model_id}, test_set)
+            == []
+        )
+    (metric,) = mlflow.get_logged_model(model.model_id).metrics
+    assert (metric.key, metric.value) == ("test/accuracy", 0.75)
+    assert (metric.dataset_name, metric.dataset_digest) == ("test", test_set.digest)
 
 
 def test_accuracy_comes_with_its_95_percent_wilson_interval() -> None:

@@ -10,15 +10,17 @@ import pytest
 import tensorflow as tf
 from mlflow.tracking import MlflowClient
 
+from pipeline.datasets import image_dataset
 from pipeline.models import build_head
 from pipeline.train_head import feature_dataset
 from pipeline.training import (
     fit,
+    log_and_record_model,
     recompute_batch_norm_statistics,
     save_training_outputs,
     validation_scores,
 )
-from tests.conftest import tiny_config
+from tests.conftest import tiny_config, write_split_folder
 
 
 def test_head_learns_separable_features_and_outputs_are_saved(tmp_path: Path) -> None:
@@ -226,3 +228,39 @@ def test_validation_scores_are_the_models_accuracy_auc_and_loss_as_it_is() -> No
     clipped = np.clip(probs, 1e-7, 1 - 1e-7)
     expected_loss = -np.mean(labels * np.log(clipped) + (1 - labels) * np.log(1 - clipped))
     assert scores["val/loss"] == pytest.approx(expected_loss, rel=1e-3)
+
+
+def colour_classifier(size: tuple[int, int]) -> keras.Model:
+    """A model of raw images that learns the generated photos' colours within a few epochs."""
+    inputs = keras.Input((*size, 3))
+    pooled = keras.layers.GlobalAveragePooling2D()(keras.layers.Rescaling(1 / 255)(inputs))
+    model = keras.Model(inputs, keras.layers.Dense(1, activation="sigmoid")(pooled))
+    model.compile(keras.optimizers.Adam(0.05), "binary_crossentropy", metrics=["accuracy"])
+    return model
+
+
+def test_the_logged_model_carries_the_metrics_of_the_epoch_whose_weights_it_holds(
+    tmp_path: Path, monkeypatch
+) -> None:
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)
+    keras.utils.set_random_seed(0)
+    size = (16, 16)
+    train = image_dataset(write_split_folder(tmp_path / "train", 8), size, 8, shuffle_seed=0)
+    validation = image_dataset(write_split_folder(tmp_path / "validation", 4), size, 8)
+    cfg = tiny_config().head.model_copy(update={"epochs": 4, "patience": 4})
+    model = colour_classifier(size)
+    artifacts = (tmp_path / "artifacts").as_uri()  # not ./mlruns in the repository
+    experiment = mlflow.create_experiment("t", artifacts)
+    with mlflow.start_run(experiment_id=experiment), mlflow.start_run(nested=True):
+        history = fit(model, train, validation, cfg)
+        summary = save_training_outputs({tmp_path / "m.keras": model}, history, tmp_path, "t")
+        info = log_and_record_model(model, tmp_path / "m.keras", "c", tmp_path, summary)
+    best = summary["best_epoch"]
+    assert best > 1  # else the first epoch's numbers would be the right ones too
+    logged = {metric.key: metric for metric in mlflow.get_logged_model(info.model_id).metrics}
+    for name in ("val/loss", "val/accuracy", "train/loss", "train/accuracy"):
+        assert logged[name].value == pytest.approx(history[name][best - 1]), name
+        assert logged[name].step == best
+    assert logged["val/loss"].value != pytest.approx(history["val/loss"][0])
