@@ -29,8 +29,8 @@ def decode_image(data, image_size: Sequence[int]):
     model sees at prediction time exactly what it saw in training.
     """
     image = tf.io.decode_image(data, channels=3, expand_animations=False)
-    # Antialiasing changes nothing when enlarging (within 1e-4) and costs 3x the plain
-    # bilinear resize, so it is applied only where some side shrinks.
+    # Antialiasing changes nothing when enlarging (within 1e-4) and costs several times the
+    # plain bilinear resize, so it is applied only where some side shrinks.
     shrinks = tf.reduce_any(tf.shape(image)[:2] > tf.constant(image_size, tf.int32))
     image = tf.cond(
         shrinks,

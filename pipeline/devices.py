@@ -111,8 +111,8 @@ def plan_compute(
 
     `auto` takes every GPU when there is one (one replica per GPU), else the CPU. Its
     precision is the fastest the hardware computes natively: mixed float16 on a GPU (tensor
-    cores run it 2-3x faster than float32), mixed bfloat16 on a CPU with native bfloat16
-    (`cpu_bf16`: about 2x for VGG16 and the scratch CNN; bench.precision), else float32.
+    cores run it faster than float32), mixed bfloat16 on a CPU with native bfloat16
+    (`cpu_bf16`: faster for VGG16 and the scratch CNN; bench.precision), else float32.
     Float16 on a CPU is emulated and slower than float32, so it is refused there.
     `steps_per_execution` falls back to 1 on several replicas: Keras's loop of several steps
     per call fails under `MirroredStrategy` ("You must feed a value for placeholder tensor
@@ -185,7 +185,7 @@ def configure(
     Device settings only take before TensorFlow initialises its devices, so this runs before
     any other TensorFlow call. Build and compile models inside `strategy.scope()`.
     `cpu_bfloat16_pays=False` keeps `auto` at float32 on a CPU with native bfloat16: the
-    scratch CNN trains 1.8x faster in bfloat16, but the dense head, bound by memory, gains
+    scratch CNN trains faster in bfloat16, but the dense head, bound by memory, gains
     nothing (bench.precision), so it keeps float32's extra precision for free.
     """
     import keras

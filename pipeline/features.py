@@ -40,7 +40,7 @@ def extract_chunks(
     leave one of them without an image is padded with copies of its last image, whose
     features are then dropped.
     """
-    # A progress bar: at 10-20 images/s on a laptop CPU, the train split takes a while.
+    # A progress bar: on a laptop CPU the train split takes a while.
     progress = keras.utils.Progbar(len(images), unit_name="image")
     for start in range(0, len(images), EXTRACT_CHUNK):
         chunk = images[start : start + EXTRACT_CHUNK]
@@ -77,7 +77,7 @@ def save_features(
     `float16` halves the file: its 11-bit mantissa keeps features to 0.05%, far below
     what moves a dense head's decision; values beyond its range are refused, not clipped.
     `compress` deflates it, as `np.savez_compressed` does, at the fastest level: the zeros
-    ReLU leaves make most of the gain, and higher levels add little at 3x the time.
+    ReLU leaves make most of the gain, and higher levels add little at several times the time.
     """
     stored = np.dtype(dtype)
     header = {"descr": stored.str, "fortran_order": False, "shape": (len(images), dim)}

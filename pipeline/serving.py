@@ -106,7 +106,7 @@ def log_photo_model(
     example and the signature of `model`'s answer for it.
 
     The requirements are given rather than inferred: inferring them reloads the model in a
-    subprocess to watch its imports, 11.5 s per model against 0.1 s (`bench.incremental`).
+    subprocess to watch its imports, seconds per model (`bench.incremental` measures it).
     """
     example = pd.DataFrame({IMAGE_COLUMN: [example_photo(model.input_shape[1:3])]})
     answer = PhotoClassifier(model).predict(None, example)

@@ -28,7 +28,7 @@ class EpochMetricsCallback(keras.callbacks.Callback):
 
     What MLflow's `MlflowCallback` does differently is left out: it queues the metrics for a
     background thread, which then holds the end of the run for up to a second (it polls its
-    queue once a second; one write per epoch takes ~5 ms, `bench.incremental`); it logs
+    queue once a second, where one write per epoch takes milliseconds, `bench.incremental`); it logs
     per-evaluation `validation_*` metrics, all at step 0, that repeat each epoch's `val/*`;
     and `optimizer_*` params that repeat the stage's own (`train_cnn.learning_rate`).
     """
