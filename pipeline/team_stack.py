@@ -163,7 +163,8 @@ class TeamStack:
     folder: Path
     host: str = "127.0.0.1"
     ports: Ports = field(default_factory=Ports)
-    mlflow_timeout_s: float = 240
+    # First start: MLflow migrates two empty databases, minutes on a busy 2-core machine.
+    mlflow_timeout_s: float = 900
     _s3: subprocess.Popen | None = None
     _mlflow: subprocess.Popen | None = None
     _postgres_started: bool = False
@@ -323,8 +324,9 @@ class TeamStack:
             ],
             env={
                 **os.environ,
-                # The keys from the environment (--auth-key), off the process list.
-                "RCLONE_AUTH_KEY": f"{s.s3_access_key},{s.s3_secret_key}",
+                # --auth-key from the environment, off the process list; rclone reads a list
+                # flag's variable as CSV, so the pair is one quoted field.
+                "RCLONE_AUTH_KEY": f'"{s.s3_access_key},{s.s3_secret_key}"',
                 "RCLONE_CONFIG": "/dev/null",  # no rclone.conf: the folder is a local path
             },
             stdout=log.open("a"),
