@@ -32,8 +32,8 @@ MLFLOW_URI ?= $(or $(MLFLOW_TRACKING_URI),sqlite:///$(CURDIR)/mlflow.db)
 # What `make serve` serves: a registered model by alias, or any MLflow model URI.
 MODEL ?= models:/dogs-vs-cats@champion
 
-.PHONY: help pipeline test lint lint-ci format mlflow-ui mlflow-db mlflow-server compare promote \
-    serve clean-venv
+.PHONY: help pipeline test lint lint-ci format mlflow-ui mlflow-db mlflow-server team-stack \
+    compare promote serve clean-venv
 .DEFAULT_GOAL := help
 
 ## List the targets (this text).
@@ -97,6 +97,10 @@ mlflow-server: $(BIN)/.installed
 	@case "$(SERVER_STORE)" in sqlite:*) $(BIN)/mlflow db upgrade "$(SERVER_STORE)";; esac
 	$(BIN)/mlflow server --backend-store-uri "$(SERVER_STORE)" \
 	    --artifacts-destination "$(SERVER_ARTIFACTS)" --host $(HOST) --port $(PORT)
+
+## PostgreSQL + S3 (rclone) + MLflow with auth, for a team (ARGS=--help).
+team-stack: $(BIN)/.installed
+	$(BIN)/python -m pipeline.team_stack $(ARGS)
 
 ## One row per execution: params that differ, test metrics (ARGS=--help).
 compare: $(BIN)/.installed

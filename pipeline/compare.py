@@ -133,7 +133,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         runs = executions(args.experiment)
     except MlflowException as error:  # an unreachable or refusing tracking server
-        sys.exit(f"compare: cannot read {tracking.tracking_uri()}: {error.message}")
+        uri = tracking.tracking_uri()
+        problem = tracking.server_problem(error, uri)
+        sys.exit(f"compare: {problem or f'cannot read {tracking.shown_uri(uri)}: {error.message}'}")
     if runs.empty:
         sys.exit(f"compare: no pipeline executions in experiment '{args.experiment}' yet")
     logged = sorted(c.removeprefix("metrics.") for c in runs.columns if c.startswith("metrics."))

@@ -12,7 +12,10 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import subprocess
+import sys
+import urllib.parse
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -22,7 +25,8 @@ import mlflow.data
 import pandas as pd
 import yaml
 from mlflow.data.sources import LocalArtifactDatasetSource
-from mlflow.entities import Param, Run
+from mlflow.entities import Param, Run, RunStatus
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from pipeline import process
@@ -44,6 +48,8 @@ FAILED_STAGE_TAG = "pipeline.failed_stage"
 HOST_TAG = "pipeline.host"
 PID_TAG = "pipeline.pid"
 ENDED_TAG = "pipeline.ended"
+ABANDONED_TAG = "pipeline.abandoned"
+CREDENTIALS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
 
 
 def default_store() -> tuple[str, str]:
@@ -99,6 +105,34 @@ def store_lock(uri: str) -> Iterator[None]:
     with database.with_name(f"{database.name}.lock").open("a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or its process dies
         yield
+
+
+def shown_uri(uri: str) -> str:
+    """`uri` without any user or password in it, for messages."""
+    parts = urllib.parse.urlsplit(uri)
+    if not parts.hostname or "@" not in parts.netloc:
+        return uri
+    return parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
+
+
+def server_problem(error: MlflowException, uri: str) -> str | None:
+    """One line on why the tracking server refused or could not be reached; None for an
+    MLflow error of another kind (a bad param, a missing run), which keeps its traceback."""
+    where = shown_uri(uri)
+    if error.error_code in ("UNAUTHENTICATED", "PERMISSION_DENIED"):
+        status = "401" if error.error_code == "UNAUTHENTICATED" else "403"
+        return (
+            f"the MLflow server at {where} refused the request ({status}): set "
+            f"{' and '.join(CREDENTIALS)} to a user of that server that may write"
+        )
+    if error.message.startswith("API request to"):  # no connection, or a non-JSON 5xx
+        # MLflow's message quotes the whole URL (credentials too, if in it) over many lines.
+        reason = re.search(
+            r"\[Errno \d+\] ([^\"')]+)|ResponseError\('([^']+)'|(timeout)", error.message
+        )
+        cause = next((g for g in reason.groups() if g), "") if reason else ""
+        return f"cannot reach the MLflow server at {where}" + (f" ({cause})" if cause else "")
+    return None
 
 
 def experiment_name() -> str:
@@ -250,6 +284,22 @@ def fail_abandoned_runs(client: MlflowClient, experiment_id: str) -> list[str]:
     return abandoned
 
 
+def close_abandoned(client: MlflowClient, experiment_id: str, parent: Run, stage: str) -> None:
+    """Marks FAILED the runs of `stage` under `parent` still RUNNING: left by a stage that
+    lost its tracking server (or was killed) before it could close its run. A re-run of the
+    same execution comes here before it opens its own."""
+    stale = client.search_runs(
+        [experiment_id],
+        filter_string=(
+            f"tags.mlflow.parentRunId = '{parent.info.run_id}' and tags.`{STAGE_TAG}` = "
+            f"'{stage}' and attributes.status = 'RUNNING'"
+        ),
+    )
+    for run in stale:
+        client.set_tag(run.info.run_id, ABANDONED_TAG, "true")
+        client.set_terminated(run.info.run_id, RunStatus.to_string(RunStatus.FAILED))
+
+
 @contextlib.contextmanager
 def stage_run(
     stage: str, cfg: Config, *sections: str, system_metrics: bool = False
@@ -257,8 +307,24 @@ def stage_run(
     """Opens this stage's child run under the execution's parent run and logs its params.
 
     `sections` names the `params.yaml` sections the stage reads; they are logged flattened
-    (`head.learning_rate`), the names `dvc exp show` uses too.
+    (`head.learning_rate`), the names `dvc exp show` uses too. A tracking server that
+    refuses or goes away ends the stage with one line naming it (`server_problem`); the
+    outputs the stage was staging are dropped and the previous ones stay.
     """
+    uri = tracking_uri()
+    try:
+        with _stage_run(stage, cfg, sections, system_metrics) as run:
+            yield run
+    except MlflowException as error:
+        if (problem := server_problem(error, uri)) is None:
+            raise
+        sys.exit(f"{stage}: {problem}")
+
+
+@contextlib.contextmanager
+def _stage_run(
+    stage: str, cfg: Config, sections: Sequence[str], system_metrics: bool
+) -> Iterator[Run]:
     # A server chooses its own artifact store; the default store keeps artifacts beside it
     # rather than relative to whichever copy of the repository created the experiment.
     # (Read before set_tracking_uri, which exports MLFLOW_TRACKING_URI to the environment.)
@@ -287,6 +353,7 @@ def stage_run(
     diff = None if before is None else params_diff(all_params, before)
     tags["mlflow.note.content"] = describe_execution(diff, baseline)
     parent = find_or_create_parent(client, experiment_id, key, name, tags, all_params)
+    close_abandoned(client, experiment_id, parent, stage)
     # Running while one of its stages runs, owned by that stage's process (so a parallel
     # execution does not take it for a killed one's); the end time of a stage before is kept.
     for tag in (HOST_TAG, PID_TAG):

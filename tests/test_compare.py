@@ -93,5 +93,7 @@ def test_an_unknown_metric_lists_the_known_ones_and_limit_counts_rows(store, cap
 def test_an_unreachable_server_is_one_line(monkeypatch) -> None:
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")  # nothing listens there
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    with pytest.raises(SystemExit, match=r"cannot read http://127\.0\.0\.1:9"):
+    with pytest.raises(
+        SystemExit, match=r"cannot reach the MLflow server at http://127\.0\.0\.1:9"
+    ):
         compare.main([])

@@ -265,3 +265,45 @@ def test_a_parent_running_a_later_stage_is_owned_by_that_stages_process(workspac
         assert parent.data.tags[tracking.PID_TAG] == str(os.getpid())
         assert tracking.fail_abandoned_runs(client, parent.info.experiment_id) == []
     assert client.get_run(parent_id).info.status == "FINISHED"
+
+
+def test_a_run_left_running_is_marked_failed_when_its_stage_runs_again(workspace, repo_config):
+    with tracking.stage_run("train_head", repo_config, "head") as lost:
+        pass
+    client = MlflowClient(tracking.tracking_uri())
+    # What a stage that lost its server mid-run leaves: a child run never closed.
+    client.update_run(lost.info.run_id, status="RUNNING")
+    with tracking.stage_run("train_head", repo_config, "head") as rerun:
+        pass
+    stale = client.get_run(lost.info.run_id)
+    assert stale.info.status == "FAILED"
+    assert stale.data.tags[tracking.ABANDONED_TAG] == "true"
+    assert client.get_run(rerun.info.run_id).info.status == "FINISHED"
+
+
+def test_an_unreachable_server_ends_the_stage_with_one_line_naming_it(
+    workspace, repo_config, monkeypatch
+):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://runner:s3cret@127.0.0.1:9")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    with pytest.raises(SystemExit) as exit_info, tracking.stage_run("split", repo_config, "split"):
+        pass
+    message = str(exit_info.value.code)
+    assert message.startswith("split: cannot reach the MLflow server at http://127.0.0.1:9")
+    assert "\n" not in message and "s3cret" not in message
+
+
+def test_a_refused_request_names_the_variables_to_set() -> None:
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import PERMISSION_DENIED, UNAUTHENTICATED
+
+    refused = MlflowException("API request to endpoint ... 401", error_code=UNAUTHENTICATED)
+    line = tracking.server_problem(refused, "http://127.0.0.1:5000")
+    assert line == (
+        "the MLflow server at http://127.0.0.1:5000 refused the request (401): set "
+        "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD to a user of that server that "
+        "may write"
+    )
+    forbidden = MlflowException("no", error_code=PERMISSION_DENIED)
+    assert "(403)" in tracking.server_problem(forbidden, "http://127.0.0.1:5000")
+    assert tracking.server_problem(MlflowException("bad param value"), "http://x") is None
