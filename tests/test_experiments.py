@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+from pathlib import Path
 
 import pytest
 
@@ -30,6 +31,10 @@ def test_a_committed_baseline_run_gives_the_diffs_and_a_short_exp_show(tmp_path)
     columns = [c.rpartition(":")[2] for c in header]  # reports/evaluate/metrics.json:name
     print("dvc exp show --only-changed:", columns)
     # Model quality and the param that changed; no data counts, ids, dtype or flags.
-    assert "head.learning_rate" in columns and "transfer/test/accuracy" in columns, header
-    assert not [c for c in columns if "mlflow" in c or "images" in c or "dtype" in c], header
+    # A score shows where it changed: on these tiny images the accuracy may well not.
+    assert "head.learning_rate" in columns, header
+    assert any(c.startswith("transfer/test/") for c in columns), header
+    # Besides the outputs whose hashes changed (models/head.keras, ...), only scores and params.
+    figures = [c for c in columns if not Path(c).suffix]
+    assert not [c for c in figures if "mlflow" in c or "images" in c or "dtype" in c], header
     assert len(columns) <= 25, header

@@ -220,7 +220,7 @@ def test_bad_images_in_real_looking_data_are_reported_and_raw_stays_intact(
         ],
         filter_string="tags.`pipeline.stage` = 'split'",
     )[0]
-    assert run.data.metrics["images_skipped"] == 5
+    assert run.data.metrics["data/images_skipped"] == 5
 
 
 def test_a_failure_before_the_reports_are_written_keeps_the_previous_split_whole(
