@@ -44,6 +44,15 @@ DVC_REMOTE_URL = "s3://dvc/dogs-vs-cats"
 MLFLOW_ARTIFACTS = "s3://mlflow/artifacts"
 
 
+# botocore (1.36 on) checks every response's CRC32 by default; rclone's S3 server answered
+# some pulled objects with checksums their bytes did not match ("Expected checksum ... did
+# not match" from `dvc pull`), as S3-compatible servers may. Checked only where S3 requires.
+S3_COMPATIBLE_CHECKSUMS = {
+    "AWS_REQUEST_CHECKSUM_CALCULATION": "when_required",
+    "AWS_RESPONSE_CHECKSUM_VALIDATION": "when_required",
+}
+
+
 class StackError(RuntimeError):
     """A part of the stack could not start: the message is one line for the user."""
 
@@ -199,6 +208,7 @@ class TeamStack:
             "AWS_ACCESS_KEY_ID": s.s3_access_key,
             "AWS_SECRET_ACCESS_KEY": s.s3_secret_key,
             "AWS_DEFAULT_REGION": "us-east-1",  # rclone ignores it; boto3 wants one
+            **S3_COMPATIBLE_CHECKSUMS,
             "DVC_REMOTE_URL": DVC_REMOTE_URL,
             "DVC_REMOTE_ENDPOINT": self.s3_url,
         }
@@ -359,6 +369,7 @@ class TeamStack:
             "AWS_ACCESS_KEY_ID": s.s3_access_key,
             "AWS_SECRET_ACCESS_KEY": s.s3_secret_key,
             "AWS_DEFAULT_REGION": "us-east-1",
+            **S3_COMPATIBLE_CHECKSUMS,
         }
         env.pop("MLFLOW_TRACKING_URI", None)
         log = self.logs / "mlflow.log"
