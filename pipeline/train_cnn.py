@@ -18,13 +18,7 @@ from pipeline.config import load_config_or_exit
 from pipeline.datasets import training_datasets
 from pipeline.images import list_split
 from pipeline.models import build_cnn, for_inference
-from pipeline.training import (
-    fit,
-    log_and_record_model,
-    recompute_batch_norm_statistics,
-    save_training_outputs,
-    validation_scores,
-)
+from pipeline.training import PreciseBatchNorm, fit, log_and_record_model, save_training_outputs
 
 
 def main() -> None:
@@ -63,21 +57,24 @@ def main() -> None:
             mlflow.log_params(plan.params(params.batch_size))
             tracking.log_image_inputs(train, "train", "training")
             tracking.log_image_inputs(validation, "validation", "validation")
-            history = fit(model, train_data, validation_data, params)
-            trained = for_inference(model)
-            recomputed = recompute_batch_norm_statistics(
-                trained, train_data, params.batch_norm_recompute_images
+            precise_batch_norm = PreciseBatchNorm(train_data, params.batch_norm_recompute_images)
+            history = fit(
+                model, train_data, validation_data, params, callbacks=[precise_batch_norm]
             )
-            final = validation_scores(trained, validation_data) if recomputed else None
+            trained = for_inference(model)
             summary = save_training_outputs(
-                {paths.models.cnn: trained}, history, reports, "scratch CNN", final
+                {paths.models.cnn: trained}, history, reports, "scratch CNN"
             )
             mlflow.log_metrics(
                 {"data/train_images": len(train), "data/validation_images": len(validation)}
             )
             mlflow.log_artifacts(str(reports), artifact_path="reports")
             log_and_record_model(trained, paths.models.cnn, "cnn", reports, summary)
-    statistics = f", batch norm's statistics recomputed on {recomputed} images" if final else ""
+    statistics = (
+        f", batch norm's statistics recomputed on {precise_batch_norm.images} images each epoch"
+        if precise_batch_norm.images
+        else ""
+    )
     print(
         f"train_cnn: {summary['epochs_run']} epochs on {len(train)} images, best epoch "
         f"{summary['best_epoch']}{statistics}: validation accuracy {summary['val/accuracy']:.3f}; "

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import keras
@@ -44,14 +44,21 @@ class EpochMetricsCallback(keras.callbacks.Callback):
 
 
 def fit(
-    model: keras.Model, train, validation, cfg: OptimizerMixin, log_to_mlflow: bool = True
+    model: keras.Model,
+    train,
+    validation,
+    cfg: OptimizerMixin,
+    log_to_mlflow: bool = True,
+    callbacks: Sequence[keras.callbacks.Callback] = (),
 ) -> dict[str, list[float]]:
     """Trains with early stopping on validation loss, keeping the best epoch's weights; the
-    history under the pipeline's metric names (`val/loss`)."""
-    callbacks: list[keras.callbacks.Callback] = [
+    history under the pipeline's metric names (`val/loss`). `callbacks` run before the
+    early stopping's, so it judges (and keeps) what they made of each epoch."""
+    callbacks = [
+        *callbacks,
         keras.callbacks.EarlyStopping(
             monitor="val_loss", patience=cfg.patience, restore_best_weights=True
-        )
+        ),
     ]
     if log_to_mlflow:
         callbacks.append(EpochMetricsCallback())
@@ -117,18 +124,18 @@ def recompute_batch_norm_statistics(model: keras.Model, batches, images: int) ->
     return seen
 
 
-def validation_scores(model: keras.Model, batches) -> dict[str, float]:
-    """`val/loss`, `val/accuracy` and `val/auc` of `model` as it is, as `fit` names them."""
-    metrics = {
-        "val/loss": keras.metrics.BinaryCrossentropy(),
-        "val/accuracy": keras.metrics.BinaryAccuracy(),
-        "val/auc": keras.metrics.AUC(),
-    }
-    for batch, labels in batches:
-        probs = model(batch, training=False)
-        for metric in metrics.values():
-            metric.update_state(keras.ops.reshape(labels, (-1, 1)), probs)
-    return {name: float(metric.result()) for name, metric in metrics.items()}
+class PreciseBatchNorm(keras.callbacks.Callback):
+    """Recomputes batch norm's statistics (`recompute_batch_norm_statistics`) before each
+    validation, so every epoch is validated, judged by early stopping and kept with the
+    statistics of its own weights, not moving averages trailing them; `images` is the
+    number it last used (0 until the first validation)."""
+
+    def __init__(self, batches, images: int):
+        super().__init__()
+        self.batches, self.wanted, self.images = batches, images, 0
+
+    def on_test_begin(self, logs=None):
+        self.images = recompute_batch_norm_statistics(self.model, self.batches, self.wanted)
 
 
 def save_training_outputs(
@@ -136,12 +143,10 @@ def save_training_outputs(
     history: dict[str, list[float]],
     reports: Path,
     title: str,
-    final_scores: Mapping[str, float] | None = None,
 ) -> dict[str, float | int]:
     """The models (by path), history CSV and figure, and summary metrics, replacing the
-    previous ones together once all are written (`atomic_files`). `final_scores` replace the
-    best epoch's where the kept model changed after training."""
-    summary = {**summarize_history(history), **(final_scores or {})}
+    previous ones together once all are written (`atomic_files`)."""
+    summary = summarize_history(history)
     reports_written = [reports / name for name in ("history.csv", "history.png", "metrics.json")]
     with atomic_files(*models, *reports_written) as staged:
         *model_files, history_csv, history_png, metrics = staged

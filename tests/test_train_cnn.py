@@ -50,6 +50,6 @@ def test_a_stage_piped_to_a_log_prints_plain_lines_and_no_tensorflow_noise(tmp_p
     assert not any(found.values()), {what: hits for what, hits in found.items() if hits}
     assert re.search(r"^train_cnn: 2 epochs on 16 images, best epoch \d", result.stdout, re.M)
     assert re.search(r"^Epoch 2/2$", result.stdout, re.M)  # Keras's plain per-epoch lines
-    # The kept weights' batch norm statistics, recomputed over the training images (all 16
-    # here, fewer than train_cnn.batch_norm_recompute_images).
-    assert "batch norm's statistics recomputed on 16 images" in result.stdout
+    # Batch norm's statistics, recomputed over the training images before each validation
+    # (all 16 here, fewer than train_cnn.batch_norm_recompute_images).
+    assert "batch norm's statistics recomputed on 16 images each epoch" in result.stdout
