@@ -17,6 +17,8 @@ from pathlib import Path, PurePosixPath
 
 from tqdm import tqdm
 
+from pipeline.errors import PipelineError
+
 ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz")
 
 # The full dataset is 25,000 images in about 850 MB; these leave room for the Kaggle
@@ -31,7 +33,7 @@ RATIO_FLOOR = 1024**2
 COPY_CHUNK = 1024 * 1024
 
 
-class ArchiveError(ValueError):
+class ArchiveError(PipelineError, ValueError):
     """The archive cannot be extracted: it is corrupt, truncated or not an archive at all."""
 
 

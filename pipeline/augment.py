@@ -9,7 +9,6 @@ same images.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,9 +17,10 @@ import mlflow
 import numpy as np
 import tensorflow as tf
 
-from pipeline import plots, process, tracking
-from pipeline.config import AugmentConfig, load_config_or_exit
+from pipeline import plots, process, stage
+from pipeline.config import AugmentConfig
 from pipeline.datasets import image_dataset
+from pipeline.errors import MissingInputError
 from pipeline.files import atomic_dir, atomic_files, write_json
 from pipeline.images import CLASS_NAMES, LabeledImage, list_split
 
@@ -106,35 +106,44 @@ def preview(images: list[LabeledImage], cfg: AugmentConfig, seed: int) -> np.nda
 
 
 def main() -> None:
-    cfg = load_config_or_exit()
-    reports = cfg.paths.reports.augment
-    train = list_split(cfg.paths.split / "train")
-    if not train:
-        sys.exit(
-            f"augment: no training images under {cfg.paths.split / 'train'}; run the split stage"
-        )
-    seed = cfg.common.seed
-    with tracking.stage_run("augment", cfg, "common", "augment"):
-        keras.utils.set_random_seed(seed)
+    with stage.context("augment") as ctx:
+        cfg, reports = ctx.cfg, ctx.cfg.paths.reports.augment
+        train = list_split(cfg.paths.split / "train")
+        if not train:
+            raise MissingInputError(
+                f"no training images under {cfg.paths.split / 'train'}; run the split stage"
+            )
+        keras.utils.set_random_seed(cfg.common.seed)
         # The variants and their reports replace the previous ones together, or none does.
         with (
             atomic_dir(cfg.paths.augmented) as staging,
             atomic_files(reports / "preview.png", reports / "summary.json") as staged_reports,
         ):
-            written = write_variants(train, cfg.augment, seed, staging)
-            grid = preview(train, cfg.augment, seed)
-            preview_staging, summary_staging = staged_reports
-            titles = ["original"] + [f"variant {v + 1}" for v in range(PREVIEW_VARIANTS)]
-            plots.image_grid(grid, titles).savefig(preview_staging)
-            summary = {"source_images": len(train), "variants_written": written}
-            write_json(summary_staging, summary)
+            summary = write_outputs(train, cfg.augment, cfg.common.seed, staging, *staged_reports)
         mlflow.log_metrics({f"data/{name}": count for name, count in summary.items()})
         mlflow.log_artifacts(str(reports), artifact_path="reports")
     print(
-        f"augment: {written} variants of {len(train)} training images "
+        f"augment: {summary['variants_written']} variants of {len(train)} training images "
         f"({cfg.augment.variants} each) into {cfg.paths.augmented}; "
         f"preview in {reports / 'preview.png'}"
     )
+
+
+def write_outputs(
+    train: list[LabeledImage],
+    cfg: AugmentConfig,
+    seed: int,
+    variants: Path,
+    preview_file: Path,
+    summary_file: Path,
+) -> dict[str, int]:
+    """The variants, their preview grid and their counts, which it returns."""
+    written = write_variants(train, cfg, seed, variants)
+    titles = ["original"] + [f"variant {v + 1}" for v in range(PREVIEW_VARIANTS)]
+    plots.image_grid(preview(train, cfg, seed), titles).savefig(preview_file)
+    summary = {"source_images": len(train), "variants_written": written}
+    write_json(summary_file, summary)
+    return summary
 
 
 if __name__ == "__main__":

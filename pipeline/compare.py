@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from pipeline import process
+from pipeline.errors import BadInputError, MissingInputError, TrackingError
 
 if TYPE_CHECKING:  # pandas and MLflow are imported where used: `--help` is instant
     import pandas as pd
@@ -135,13 +136,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     except MlflowException as error:  # an unreachable or refusing tracking server
         uri = tracking.tracking_uri()
         problem = tracking.server_problem(error, uri)
-        sys.exit(f"compare: {problem or f'cannot read {tracking.shown_uri(uri)}: {error.message}'}")
+        message = problem or f"cannot read {tracking.shown_uri(uri)}: {error.message}"
+        raise TrackingError(message) from None
     if runs.empty:
-        sys.exit(f"compare: no pipeline executions in experiment '{args.experiment}' yet")
+        raise MissingInputError(f"no pipeline executions in experiment '{args.experiment}' yet")
     logged = sorted(c.removeprefix("metrics.") for c in runs.columns if c.startswith("metrics."))
     if args.metric not in logged:
         if args.metric != DEFAULT_METRIC:
-            sys.exit(f"compare: no execution has the metric '{args.metric}'; they have: {logged}")
+            raise BadInputError(f"no execution has the metric '{args.metric}'; they have: {logged}")
         print(f"compare: no execution has {args.metric} yet; newest first", file=sys.stderr)
     table = comparison(runs, args.metric).head(args.limit)
     if args.csv:

@@ -22,6 +22,8 @@ from pydantic import (
     model_validator,
 )
 
+from pipeline.errors import PipelineError
+
 PARAMS_FILE = Path("params.yaml")
 
 PositiveInt = Annotated[int, Field(gt=0)]
@@ -30,7 +32,7 @@ ImageSize = tuple[Annotated[int, Field(ge=32, le=1024)], Annotated[int, Field(ge
 Optimizer = Literal["adam", "sgd", "rmsprop"]
 
 
-class ConfigError(ValueError):
+class ConfigError(PipelineError, ValueError):
     """`params.yaml` is missing, unreadable or holds invalid values."""
 
 
@@ -345,14 +347,6 @@ def yaml_problem(error: yaml.YAMLError) -> str:
     mark = getattr(error, "problem_mark", None)
     where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
     return " ".join(f"{getattr(error, 'problem', None) or error}{where}".split())
-
-
-def load_config_or_exit(path: Path = PARAMS_FILE) -> Config:
-    """For a stage's `main()`: the config, or exit non-zero with every bad field listed."""
-    try:
-        return load_config(path)
-    except ConfigError as error:
-        raise SystemExit(str(error)) from None
 
 
 def flatten(config: BaseModel | dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -18,12 +18,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline.config import ComputeConfig
+from pipeline.errors import PipelineError
 
 if TYPE_CHECKING:
     import tensorflow as tf
 
 
-class DeviceError(RuntimeError):
+class DeviceError(PipelineError, RuntimeError):
     """The `compute` params ask for something this machine cannot do."""
 
 
@@ -77,12 +78,12 @@ class ComputePlan:
         """The batch `tf.data` yields: Keras splits it evenly over the replicas."""
         return per_replica * self.replicas
 
-    def exit_if_too_few(self, stage: str, **examples: int) -> None:
-        """Exits when a split has fewer examples than there are replicas to share them."""
+    def check_enough(self, **examples: int) -> None:
+        """Refuses a split with fewer examples than there are replicas to share them."""
         for split, count in examples.items():
             if count < self.replicas:
-                raise SystemExit(
-                    f"{stage}: {count} {split} examples cannot be shared by {self.replicas} "
+                raise DeviceError(
+                    f"{count} {split} examples cannot be shared by {self.replicas} "
                     "replicas; add images, or use fewer GPUs (CUDA_VISIBLE_DEVICES)"
                 )
 
@@ -165,16 +166,6 @@ def check_single_host(tf_config: str | None) -> None:
             "host (every GPU of it, through MirroredStrategy). Unset TF_CONFIG and run the "
             "stages on one machine."
         )
-
-
-def configure_or_exit(
-    cfg: ComputeConfig, cpu_bfloat16_pays: bool = True
-) -> tuple[ComputePlan, tf.distribute.Strategy]:
-    """For a stage's `main()`: `configure`, or exit non-zero saying why the devices won't do."""
-    try:
-        return configure(cfg, cpu_bfloat16_pays)
-    except DeviceError as error:
-        raise SystemExit(str(error)) from None
 
 
 def configure(

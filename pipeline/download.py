@@ -22,8 +22,9 @@ from pathlib import Path
 
 import mlflow
 
-from pipeline import archives, process, tracking
-from pipeline.config import DownloadConfig, FileCheck, MirrorConfig, load_config_or_exit
+from pipeline import archives, process, stage
+from pipeline.config import DownloadConfig, FileCheck, MirrorConfig
+from pipeline.errors import PipelineError
 from pipeline.files import atomic_dir, project_root, write_json
 from pipeline.images import CLASS_NAMES, find_labeled_images
 
@@ -37,7 +38,7 @@ LAYOUT_HELP = (
 )
 
 
-class DownloadError(RuntimeError):
+class DownloadError(PipelineError, RuntimeError):
     """The data could not be fetched; the message says what to do."""
 
 
@@ -307,34 +308,31 @@ def acquire(cfg: DownloadConfig, raw: Path) -> Path:
 
 
 def main() -> None:
-    cfg = load_config_or_exit()
-    raw, report = cfg.paths.raw, cfg.paths.reports.download / "summary.json"
-    with tracking.stage_run("download", cfg, "download"):
-        try:
-            source = acquire(cfg.download, raw)
-            with atomic_dir(raw) as staging:
-                skipped = populate_raw(source, staging)
-                for path, reason in skipped:
-                    print(f"download: skipped {path}: {reason}", file=sys.stderr)
-                summary = detect_layout(staging)
-        except (DownloadError, archives.ArchiveError) as error:
-            mlflow.set_tag("error", str(error)[:5000])
-            sys.exit(f"download: {error}")
-        counts = {**summary.as_dict(), "skipped": len(skipped)}
-        pin = kaggle_train_pin(source) if cfg.download.source == "kaggle" else {}
-        write_json(report, {"source": cfg.download.source, **counts, **pin})
+    with stage.context("download") as ctx:
+        cfg, raw = ctx.cfg.download, ctx.cfg.paths.raw
+        report = ctx.cfg.paths.reports.download / "summary.json"
+        source = acquire(cfg, raw)
+        with atomic_dir(raw) as staging:
+            skipped = populate_raw(source, staging)
+            for path, reason in skipped:
+                print(f"download: skipped {path}: {reason}", file=sys.stderr)
+            summary = detect_layout(staging)
+        pin = kaggle_train_pin(source) if cfg.source == "kaggle" else {}
+        write_json(
+            report, {"source": cfg.source, **summary.as_dict(), "skipped": len(skipped), **pin}
+        )
         mlflow.log_metrics(
             {
                 "data/raw_images": summary.images,
                 "data/raw_unlabeled": summary.unlabeled,
                 "data/raw_skipped": len(skipped),
+                **{f"data/raw_{name}": count for name, count in summary.per_class.items()},
             }
         )
-        mlflow.log_metrics({f"data/raw_{name}": count for name, count in summary.per_class.items()})
         mlflow.log_artifact(str(report))
     print(
         f"download: {summary.images} labelled images ({summary.per_class}) in {summary.layout} "
-        f"layout from {cfg.download.source} into {raw}"
+        f"layout from {cfg.source} into {raw}"
     )
 
 

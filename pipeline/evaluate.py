@@ -23,9 +23,10 @@ from scipy.stats import binomtest
 from sklearn import metrics as skm
 from sklearn.calibration import calibration_curve
 
-from pipeline import plots, process, tracking
-from pipeline.config import load_config_or_exit
+from pipeline import plots, process, stage, tracking
+from pipeline.config import EvaluateConfig, PathsConfig
 from pipeline.datasets import image_dataset, predict_dog_probability
+from pipeline.errors import MissingInputError
 from pipeline.features import features_file, load_features
 from pipeline.files import MLFLOW_IDS_FILE, atomic_files, write_json
 from pipeline.images import CLASS_NAMES, LabeledImage, list_split
@@ -196,47 +197,53 @@ def predict_head(model_path: Path, features_path: Path) -> tuple[list[str], np.n
 
 
 def main() -> None:
-    cfg = load_config_or_exit()
-    paths, threshold = cfg.paths, cfg.evaluate.threshold
-    batch_size, tta = cfg.evaluate.batch_size, cfg.evaluate.tta
-    reports = paths.reports.evaluate
-    try:
-        predictions = {
-            "cnn": predict_images(paths.models.cnn, paths.split, batch_size, tta),
-            "transfer": predict_head(paths.models.head, features_file(paths.features, "test")),
-        }
-        if cfg.finetune.enabled:
-            predictions["finetuned"] = predict_images(
-                paths.models.finetuned, paths.split, batch_size, tta
-            )
-    except (FileNotFoundError, ValueError) as error:
-        sys.exit(f"evaluate: {error}; run the training stages first")
-    model_ids = {
-        "cnn": logged_model_id(paths.reports.train_cnn / MLFLOW_IDS_FILE),
-        "transfer": logged_model_id(paths.reports.train_head / MLFLOW_IDS_FILE),
-        "finetuned": logged_model_id(paths.reports.finetune / MLFLOW_IDS_FILE),
-    }
-    with tracking.stage_run("evaluate", cfg, "evaluate", "finetune") as run:
+    with stage.context("evaluate") as ctx:
+        paths, run = ctx.cfg.paths, ctx.run
+        predictions = predict_models(paths, ctx.cfg.evaluate, ctx.cfg.finetune.enabled)
         files, labels, _ = predictions["cnn"]
-        test_set = tracking.log_image_inputs(
-            [LabeledImage(Path(f), int(y)) for f, y in zip(files, labels, strict=True)],
-            "test",
-            "evaluation",
-        )
+        test = [LabeledImage(Path(f), int(y)) for f, y in zip(files, labels, strict=True)]
+        test_set = tracking.log_image_inputs(test, "test", "evaluation")
         ids = {
             "mlflow_run_id": run.info.run_id,
             "mlflow_parent_run_id": tracking.parent_run_id(run),
         }
-        results, written = write_reports(predictions, threshold, reports, ids)
-        flat = named_by_model(results)
-        mlflow.log_metrics(flat)
-        tracking.log_to_parent(run, flat)
-        for warning in attach_test_metrics(results, model_ids, test_set):
+        results, written = write_reports(
+            predictions, ctx.cfg.evaluate.threshold, paths.reports.evaluate, ids
+        )
+        mlflow.log_metrics(named_by_model(results))
+        tracking.log_to_parent(run, named_by_model(results))
+        for warning in attach_test_metrics(results, training_model_ids(paths), test_set):
             print(warning, file=sys.stderr)
         for path in written:  # not the whole folder: no fine-tuned reports of an earlier run
             mlflow.log_artifact(str(path), artifact_path="reports")
-    table = comparison_table(results)
-    print("evaluate: test split results\n" + table)
+    print("evaluate: test split results\n" + comparison_table(results))
+
+
+def predict_models(
+    paths: PathsConfig, cfg: EvaluateConfig, finetuned: bool
+) -> dict[str, tuple[list[str], np.ndarray, np.ndarray]]:
+    """Every model's `(files, labels, P(dog))` on the test split."""
+    try:
+        predictions = {
+            "cnn": predict_images(paths.models.cnn, paths.split, cfg.batch_size, cfg.tta),
+            "transfer": predict_head(paths.models.head, features_file(paths.features, "test")),
+        }
+        if finetuned:
+            predictions["finetuned"] = predict_images(
+                paths.models.finetuned, paths.split, cfg.batch_size, cfg.tta
+            )
+    except (FileNotFoundError, ValueError) as error:
+        raise MissingInputError(f"{error}; run the training stages first") from None
+    return predictions
+
+
+def training_model_ids(paths: PathsConfig) -> dict[str, str | None]:
+    """The MLflow logged-model id each training stage recorded, by model."""
+    return {
+        "cnn": logged_model_id(paths.reports.train_cnn / MLFLOW_IDS_FILE),
+        "transfer": logged_model_id(paths.reports.train_head / MLFLOW_IDS_FILE),
+        "finetuned": logged_model_id(paths.reports.finetune / MLFLOW_IDS_FILE),
+    }
 
 
 PER_MODEL_REPORTS = ("predictions_{}.csv", "roc_{}.csv", "confusion_{}.png", "mistakes_{}.png")

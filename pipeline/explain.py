@@ -7,7 +7,6 @@ heat maps of the regions that drove the decision. Figures go to `reports/explain
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import keras
@@ -16,9 +15,9 @@ import numpy as np
 import tensorflow as tf
 from matplotlib.figure import Figure
 
-from pipeline import process, tracking
-from pipeline.config import load_config_or_exit
+from pipeline import process, stage
 from pipeline.datasets import load_image
+from pipeline.errors import MissingInputError
 from pipeline.files import atomic_dir
 from pipeline.images import CLASS_NAMES, LabeledImage, list_split
 
@@ -162,13 +161,14 @@ def write_figures(model: keras.Model, examples: list[LabeledImage], target: Path
 
 
 def main() -> None:
-    cfg = load_config_or_exit()
-    paths = cfg.paths
-    test = list_split(paths.split / "test")
-    if not test or not paths.models.cnn.is_file():
-        sys.exit("explain: needs the test split and models/cnn.keras; run the pipeline first")
-    examples = pick_examples(test, EXAMPLES)
-    with tracking.stage_run("explain", cfg):
+    with stage.context("explain") as ctx:
+        paths = ctx.cfg.paths
+        test = list_split(paths.split / "test")
+        if not test or not paths.models.cnn.is_file():
+            raise MissingInputError(
+                "needs the test split and models/cnn.keras; run the pipeline first"
+            )
+        examples = pick_examples(test, EXAMPLES)
         model = keras.models.load_model(paths.models.cnn)
         with atomic_dir(paths.reports.explain) as staging:
             write_figures(model, examples, staging)

@@ -17,7 +17,12 @@ import numpy as np
 
 from pipeline.config import FeaturesConfig
 from pipeline.datasets import image_dataset, left_out_of_last_batch
+from pipeline.errors import PipelineError
 from pipeline.images import LabeledImage
+
+
+class FeaturesError(PipelineError, ValueError):
+    """The features cannot be stored as asked; the previous ones stay in place."""
 
 
 def features_file(folder: Path, split: str) -> Path:
@@ -90,7 +95,7 @@ def save_features(
                 entry.write(as_stored(chunk, stored).tobytes())
                 rows += len(chunk)
         if rows != len(images):
-            raise ValueError(f"{rows} feature rows for {len(images)} images")
+            raise FeaturesError(f"{rows} feature rows for {len(images)} images")
         for name, array in (
             ("labels", np.array([image.label for image in images], dtype=np.int8)),
             ("files", np.array([image.path.as_posix() for image in images])),
@@ -102,7 +107,7 @@ def save_features(
 def as_stored(chunk: np.ndarray, dtype: np.dtype) -> np.ndarray:
     largest = float(np.max(np.abs(chunk), initial=0.0))
     if not largest <= float(np.finfo(dtype).max):  # also catches NaN
-        raise ValueError(
+        raise FeaturesError(
             f"features reach {largest:g}, beyond {dtype.name}'s range; "
             "set features.dtype: float32 in params.yaml"
         )

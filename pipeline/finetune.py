@@ -11,10 +11,10 @@ CPU takes hours on the full dataset: `finetune.enabled` is off by default there.
 from __future__ import annotations
 
 import shutil
-import sys
 
-from pipeline import plots, process
-from pipeline.config import Config, PathsConfig, load_config_or_exit
+from pipeline import plots, process, stage
+from pipeline.config import Config, PathsConfig
+from pipeline.errors import MissingInputError
 from pipeline.files import MLFLOW_IDS_FILE, atomic_file, write_json
 from pipeline.history import write_history
 
@@ -34,28 +34,60 @@ def write_disabled_outputs(paths: PathsConfig) -> None:
     write_json(reports / MLFLOW_IDS_FILE, {})
 
 
-def finetune(cfg: Config) -> None:
+def finetune(ctx: stage.Stage) -> None:
     # Imported here, not at the top: the stage is off by default, and then it has no use for
     # TensorFlow, whose import alone is most of a disabled stage's time (bench.incremental).
-    import keras
     import mlflow
 
-    from pipeline import devices, tracking
-    from pipeline.datasets import training_datasets
-    from pipeline.images import list_split
-    from pipeline.models import build_finetune_model, for_inference, in_current_precision
+    from pipeline import tracking
+    from pipeline.models import for_inference
     from pipeline.training import fit, log_and_record_model, save_training_outputs
 
-    plan, strategy = devices.configure_or_exit(cfg.compute)
-    params, paths, seed = cfg.finetune, cfg.paths, cfg.common.seed
-    reports = paths.reports.finetune
+    params, paths, reports = ctx.cfg.finetune, ctx.cfg.paths, ctx.cfg.paths.reports.finetune
+    plan, strategy = ctx.plan, ctx.strategy
+    train, validation = finetune_images(paths, params.use_augmented)
+    plan.check_enough(training=len(train), validation=len(validation))
+    model, unfrozen, datasets = prepare(ctx.cfg, plan, strategy, train, validation)
+    mlflow.log_param("finetune.unfrozen", ",".join(unfrozen))
+    tracking.log_image_inputs(train, "train", "training")
+    tracking.log_image_inputs(validation, "validation", "validation")
+    with datasets as (train_data, validation_data):
+        history = fit(model, train_data, validation_data, params)
+    trained = for_inference(model)
+    summary = save_training_outputs(
+        {paths.models.finetuned: trained}, history, reports, "fine-tuned backbone + head"
+    )
+    mlflow.log_artifacts(str(reports), artifact_path="reports")
+    log_and_record_model(trained, paths.models.finetuned, "finetuned", reports, summary)
+    print(
+        f"finetune: {summary['epochs_run']} epochs with {', '.join(unfrozen)} unfrozen, best "
+        f"validation accuracy {summary['val/accuracy']:.3f}; saved {paths.models.finetuned}"
+    )
+
+
+def finetune_images(paths: PathsConfig, use_augmented: bool) -> tuple[list, list]:
+    """The training images (with their variants, if asked) and the validation images."""
+    from pipeline.images import list_split
+
     train = list_split(paths.split / "train")
-    if params.use_augmented:
+    if use_augmented:
         train += list_split(paths.augmented / "train")
     validation = list_split(paths.split / "validation")
     if not train or not validation or not paths.models.head.is_file():
-        sys.exit("finetune: needs the splits and a trained head; run the pipeline up to train_head")
-    plan.exit_if_too_few("finetune", training=len(train), validation=len(validation))
+        raise MissingInputError(
+            "needs the splits and a trained head; run the pipeline up to train_head"
+        )
+    return train, validation
+
+
+def prepare(cfg: Config, plan, strategy, train: list, validation: list):
+    """The model to train with the names of its unfrozen layers, and the datasets."""
+    import keras
+
+    from pipeline.datasets import training_datasets
+    from pipeline.models import build_finetune_model, in_current_precision
+
+    params, paths, seed = cfg.finetune, cfg.paths, cfg.common.seed
     keras.utils.set_random_seed(seed)
     saved = [
         keras.models.load_model(path, compile=False)
@@ -70,36 +102,24 @@ def finetune(cfg: Config) -> None:
     datasets = training_datasets(
         train, validation, size, batch_size, seed, cfg.compute.cache_images, plan.replicas
     )
-    with (
-        datasets as (train_data, validation_data),
-        tracking.stage_run("finetune", cfg, "common", "compute", "finetune", system_metrics=True),
-    ):
-        mlflow.log_params(plan.params(params.batch_size))
-        mlflow.log_param("finetune.unfrozen", ",".join(unfrozen))
-        tracking.log_image_inputs(train, "train", "training")
-        tracking.log_image_inputs(validation, "validation", "validation")
-        history = fit(model, train_data, validation_data, params)
-        trained = for_inference(model)
-        summary = save_training_outputs(
-            {paths.models.finetuned: trained}, history, reports, "fine-tuned backbone + head"
-        )
-        mlflow.log_artifacts(str(reports), artifact_path="reports")
-        log_and_record_model(trained, paths.models.finetuned, "finetuned", reports, summary)
-    print(
-        f"finetune: {summary['epochs_run']} epochs with {', '.join(unfrozen)} unfrozen, best "
-        f"validation accuracy {summary['val/accuracy']:.3f}; saved {paths.models.finetuned}"
-    )
+    return model, unfrozen, datasets
 
 
 def main() -> None:
-    cfg = load_config_or_exit()
-    if not cfg.finetune.enabled:
-        if not cfg.paths.models.transfer.is_file():
-            sys.exit(f"finetune: {cfg.paths.models.transfer} is missing; run train_head first")
-        write_disabled_outputs(cfg.paths)
-        print("finetune: disabled (finetune.enabled: false); the transfer model stands in")
-        return
-    finetune(cfg)
+    with stage.context(
+        "finetune", batch_size=lambda cfg: cfg.finetune.batch_size, tracked=enabled
+    ) as ctx:
+        if enabled(ctx.cfg):
+            finetune(ctx)
+            return
+        if not (transfer := ctx.cfg.paths.models.transfer).is_file():
+            raise MissingInputError(f"{transfer} is missing; run train_head first")
+        write_disabled_outputs(ctx.cfg.paths)
+    print("finetune: disabled (finetune.enabled: false); the transfer model stands in")
+
+
+def enabled(cfg: Config) -> bool:
+    return cfg.finetune.enabled
 
 
 if __name__ == "__main__":

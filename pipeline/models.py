@@ -23,10 +23,11 @@ from pipeline.config import (
     RandomAugmentConfig,
     TrainCnnConfig,
 )
+from pipeline.errors import PipelineError
 from pipeline.files import project_root
 
 
-class WeightsUnavailableError(RuntimeError):
+class WeightsUnavailableError(PipelineError, RuntimeError):
     """The backbone's pretrained weights could not be downloaded or read."""
 
 

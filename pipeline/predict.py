@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pipeline import process
+from pipeline.errors import BadInputError, MissingInputError
 from pipeline.files import atomic_file
 from pipeline.images import (
     find_images,
@@ -115,8 +116,8 @@ def check_classifier(model: keras.Model, reference: str) -> keras.Model:
         and shape[3] == 3
     )
     if not (takes_images and out == (None, 1)):
-        sys.exit(
-            f"predict: {reference} takes {shape} and gives {out}, not images to P(dog): use "
+        raise BadInputError(
+            f"{reference} takes {shape} and gives {out}, not images to P(dog): use "
             "models/cnn.keras, models/transfer.keras or models/finetuned.keras"
         )
     return model
@@ -141,29 +142,29 @@ def load_model(reference: str) -> keras.Model:
     if ":/" in reference:
         uri = tracking.tracking_uri()
         if missing := tracking.missing_sqlite_store(uri):
-            sys.exit(
-                f"predict: cannot load {reference}: no MLflow store at {missing}; run predict "
+            raise MissingInputError(
+                f"cannot load {reference}: no MLflow store at {missing}; run predict "
                 "in the repository that trained it, or set MLFLOW_TRACKING_URI to its store"
             )
         mlflow.set_tracking_uri(uri)
         try:
             return serving.load_keras_model(reference)
         except mlflow.exceptions.MlflowException as error:
-            sys.exit(
-                f"predict: cannot load {reference} from the MLflow store {uri}: {error.message}"
-            )
+            raise BadInputError(
+                f"cannot load {reference} from the MLflow store {uri}: {error.message}"
+            ) from None
     if not Path(reference).is_file():
-        sys.exit(f"predict: model {reference} not found; train it with `dvc repro` first")
+        raise MissingInputError(f"model {reference} not found; train it with `dvc repro` first")
     if Path(reference).suffix == ".keras" and not is_keras_archive(Path(reference)):
         # Keras itself says "File not found" for these.
-        sys.exit(
-            f"predict: {reference} is not a Keras model file (not a .keras zip holding "
+        raise BadInputError(
+            f"{reference} is not a Keras model file (not a .keras zip holding "
             "config.json); use models/cnn.keras, models/transfer.keras or models/finetuned.keras"
         )
     try:
         return keras.models.load_model(reference)
     except (ValueError, OSError, TypeError) as error:
-        sys.exit(f"predict: cannot load {reference} as a Keras model: {error}")
+        raise BadInputError(f"cannot load {reference} as a Keras model: {error}") from None
 
 
 def write_predictions(out, files: list[Path], probs: np.ndarray, threshold: float) -> None:
@@ -187,10 +188,10 @@ def submission_rows(
     by_id: dict[int, tuple[Path, float]] = {}
     for path, prob in rows:
         if not re.fullmatch(r"[1-9][0-9]*", path.stem):
-            sys.exit(f"predict: {path} is not named like Kaggle's test images (test1/N.jpg)")
+            raise BadInputError(f"{path} is not named like Kaggle's test images (test1/N.jpg)")
         clash, _ = by_id.setdefault(int(path.stem), (path, prob))
         if clash.resolve() != path.resolve():
-            sys.exit(f"predict: {clash} and {path} both claim id {path.stem}")
+            raise BadInputError(f"{clash} and {path} both claim id {path.stem}")
     return sorted((image_id, prob) for image_id, (_, prob) in by_id.items())
 
 
@@ -224,15 +225,15 @@ def refuse_unsafe_output(out: Path, reads: Iterable[Path]) -> None:
 
     Paths are compared resolved: a link `x.jpg` in a folder given may point to `data.csv`."""
     if out.is_dir():
-        sys.exit(
-            f"predict: --out {out} is a folder; give a file name such as {out}/predictions.csv"
+        raise BadInputError(
+            f"--out {out} is a folder; give a file name such as {out}/predictions.csv"
         )
     resolved = out.resolve()
     if is_image_name(out) or any(resolved == p.resolve() for p in reads):
-        sys.exit(f"predict: --out {out} would overwrite a file it reads; give a new .csv file")
+        raise BadInputError(f"--out {out} would overwrite a file it reads; give a new .csv file")
     if out.exists() and not written_by_predict(out):
-        sys.exit(
-            f"predict: --out {out} exists and is not a CSV that predict wrote; "
+        raise BadInputError(
+            f"--out {out} exists and is not a CSV that predict wrote; "
             "give a new file name, or remove it first"
         )
 
@@ -289,7 +290,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     for path, reason in rejected:
         print(f"predict: skipped {path}: {reason}", file=sys.stderr)
     if not files:
-        sys.exit("predict: no readable images given")
+        raise BadInputError("no readable images given")
     probs = predict_files(model, files, args.batch_size, reencode, args.tta)
     if args.kaggle_submission:
         unreadable = [path for path, _ in rejected if path.is_file()]

@@ -16,6 +16,9 @@ import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import NoReturn
+
+from pipeline.errors import PipelineError
 
 # The shell's convention for a process ended by SIGINT (128 + 2): `make` and DVC stop too.
 INTERRUPTED = 130
@@ -30,17 +33,24 @@ def run(main: Callable[[], None]) -> None:
     those collections; atexit handlers, `with` blocks and reference counting still run, so
     files, temporary folders and MLflow runs are closed as before.
 
-    Ctrl-C ends it with one line and exit status 130 instead of a traceback; the `with`
-    blocks it passes through have already kept the previous outputs and closed the run.
+    A `PipelineError` ends it with its one line after the program's name (`split: ...`) and
+    exit status 1, Ctrl-C with `name: interrupted` and 130, instead of a traceback; the
+    `with` blocks they pass through have already kept the previous outputs and closed the run.
     """
     try:
         main()
     except KeyboardInterrupt:
-        code = getattr(main, "__code__", None)
-        name = Path(code.co_filename if code else sys.argv[0]).stem
-        print(f"{name}: interrupted", file=sys.stderr)
-        sys.exit(INTERRUPTED)
+        fail(main, "interrupted", INTERRUPTED)
+    except PipelineError as error:
+        fail(main, str(error), 1)
     gc.freeze()
+
+
+def fail(main: Callable[[], None], message: str, status: int) -> NoReturn:
+    code = getattr(main, "__code__", None)
+    name = Path(code.co_filename if code else sys.argv[0]).stem
+    print(f"{name}: {message}", file=sys.stderr)
+    sys.exit(status)
 
 
 def quiet_tensorflow_logs() -> None:

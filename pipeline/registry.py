@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import argparse
 import re
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from pipeline import process
+from pipeline.errors import MissingInputError, TrackingError
 
 if TYPE_CHECKING:  # MLflow is imported where used: `--help` is instant
     from mlflow.entities import LoggedModel
@@ -132,9 +132,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         best, version = promote(args.metric, args.model, args.name, args.alias)
     except LookupError as error:
-        sys.exit(f"registry: {error}")
+        raise MissingInputError(str(error)) from None
     except MlflowException as error:
-        sys.exit(f"registry: MLflow refused: {error.message}")
+        raise TrackingError(f"MLflow refused: {error.message}") from None
     print(
         f"registry: {best.name} model {best.model_id} ({args.metric} {best.score:.4f}) is "
         f"version {version} of '{args.name}', alias @{args.alias}: "

@@ -12,7 +12,6 @@ from __future__ import annotations
 import csv
 import os
 import shutil
-import sys
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -22,8 +21,9 @@ import mlflow
 from sklearn.model_selection import train_test_split
 from tqdm import tqdm
 
-from pipeline import process, tracking
-from pipeline.config import SplitConfig, load_config_or_exit
+from pipeline import process, stage
+from pipeline.config import SplitConfig
+from pipeline.errors import BadInputError
 from pipeline.files import atomic_dir, atomic_file, atomic_files, write_json
 from pipeline.images import (
     CLASS_NAMES,
@@ -174,20 +174,14 @@ def write_skipped(path: Path, verdicts: list[Verdict], root: Path) -> None:
 
 
 def main() -> None:
-    cfg = load_config_or_exit()
-    reports = cfg.paths.reports.split
-    with tracking.stage_run("split", cfg, "common", "split"):
+    with stage.context("split") as ctx:
+        cfg, reports = ctx.cfg, ctx.cfg.paths.reports.split
         labeled, unlabeled = find_labeled_images(cfg.paths.raw)
         verdicts = check_images(labeled)
-        usable = [v.image for v in verdicts if v.problem is None]
-        skipped = [v for v in verdicts if v.problem is not None]
-        reencode = {v.image.path for v in verdicts if v.problem is None and v.needs_reencoding}
-        try:
-            splits = split_files(usable, cfg.split, cfg.common.seed)
-        except ValueError as error:
-            sys.exit(f"split: {error}{why_skipped(skipped, len(labeled), cfg.paths.raw)}")
-        summary = summarize(splits, len(skipped), len(reencode))
-        summary["unlabeled"] = len(unlabeled)
+        splits, skipped, reencode = split_usable(
+            verdicts, cfg.split, cfg.common.seed, cfg.paths.raw
+        )
+        summary = {**summarize(splits, len(skipped), len(reencode)), "unlabeled": len(unlabeled)}
         # The split and its reports replace the previous ones together, or none of them does.
         with (
             atomic_dir(cfg.paths.split) as staging,
@@ -197,20 +191,39 @@ def main() -> None:
             summary_staging, skipped_staging = staged_reports
             write_json(summary_staging, summary)
             write_skipped(skipped_staging, skipped, cfg.paths.raw)
-        mlflow.log_metrics(
-            {
-                "data/images_total": summary["total"],
-                "data/images_skipped": len(skipped),
-                "data/images_reencoded": len(reencode),
-                **{f"data/images_{split}": len(images) for split, images in splits.items()},
-            }
-        )
+        mlflow.log_metrics(split_metrics(splits, summary["total"], len(skipped), len(reencode)))
         mlflow.log_artifacts(str(reports), artifact_path="reports")
     sizes = ", ".join(f"{split} {len(images)}" for split, images in splits.items())
     print(
         f"split: {sizes} images into {cfg.paths.split}; {len(skipped)} skipped "
         f"(see {reports / 'skipped.csv'}), {len(reencode)} re-encoded"
     )
+
+
+def split_usable(
+    verdicts: list[Verdict], cfg: SplitConfig, seed: int, raw: Path
+) -> tuple[dict[str, list[LabeledImage]], list[Verdict], set[Path]]:
+    """The split of the images that passed their check, the verdicts of those that did not,
+    and the paths to re-encode; too few usable images is an error that says why."""
+    usable = [v.image for v in verdicts if v.problem is None]
+    skipped = [v for v in verdicts if v.problem is not None]
+    reencode = {v.image.path for v in verdicts if v.problem is None and v.needs_reencoding}
+    try:
+        splits = split_files(usable, cfg, seed)
+    except ValueError as error:
+        raise BadInputError(f"{error}{why_skipped(skipped, len(verdicts), raw)}") from None
+    return splits, skipped, reencode
+
+
+def split_metrics(
+    splits: dict[str, list[LabeledImage]], total: int, skipped: int, reencoded: int
+) -> dict[str, int]:
+    return {
+        "data/images_total": total,
+        "data/images_skipped": skipped,
+        "data/images_reencoded": reencoded,
+        **{f"data/images_{split}": len(images) for split, images in splits.items()},
+    }
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline import process
+from pipeline.errors import PipelineError
 
 DB_USER = "mlflow"
 DATABASES = ("mlflow", "mlflow_auth")
@@ -53,7 +54,7 @@ S3_COMPATIBLE_CHECKSUMS = {
 }
 
 
-class StackError(RuntimeError):
+class StackError(PipelineError, RuntimeError):
     """A part of the stack could not start: the message is one line for the user."""
 
 
@@ -446,24 +447,21 @@ def main(argv: list[str] | None = None) -> None:
     ports = Ports(args.mlflow_port, args.s3_port, args.postgres_port)
     stopping = []
     signal.signal(signal.SIGTERM, lambda *_: stopping.append(True))
-    try:
-        with team_stack(args.folder, args.host, ports) as stack:
-            print(
-                f"MLflow    {stack.mlflow_url} (basic auth, user {ADMIN_USER})\n"
-                f"S3        {stack.s3_url} (buckets: {', '.join(BUCKETS)})\n"
-                f"Postgres  {args.host}:{ports.postgres} (databases: {', '.join(DATABASES)})\n"
-                f"Clients:  . {stack.folder / 'client.env'}  (credentials; never commit it)\n"
-                "           dvc remote add --local --default --force storage "
-                '"$DVC_REMOTE_URL"\n'
-                "           dvc remote modify --local storage endpointurl "
-                '"$DVC_REMOTE_ENDPOINT"\n'
-                f"Logs in {stack.logs}. Ctrl-C stops it all.",
-                flush=True,
-            )
-            while not stopping:
-                time.sleep(1)
-    except StackError as error:
-        sys.exit(f"team_stack: {error}")
+    with team_stack(args.folder, args.host, ports) as stack:
+        print(
+            f"MLflow    {stack.mlflow_url} (basic auth, user {ADMIN_USER})\n"
+            f"S3        {stack.s3_url} (buckets: {', '.join(BUCKETS)})\n"
+            f"Postgres  {args.host}:{ports.postgres} (databases: {', '.join(DATABASES)})\n"
+            f"Clients:  . {stack.folder / 'client.env'}  (credentials; never commit it)\n"
+            "           dvc remote add --local --default --force storage "
+            '"$DVC_REMOTE_URL"\n'
+            "           dvc remote modify --local storage endpointurl "
+            '"$DVC_REMOTE_ENDPOINT"\n'
+            f"Logs in {stack.logs}. Ctrl-C stops it all.",
+            flush=True,
+        )
+        while not stopping:
+            time.sleep(1)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ import json
 import os
 import re
 import subprocess
-import sys
 import urllib.parse
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -31,6 +30,7 @@ from mlflow.tracking import MlflowClient
 
 from pipeline import process
 from pipeline.config import PARAMS_FILE, Config, ConfigError, flatten, parse_config
+from pipeline.errors import TrackingError
 from pipeline.files import project_root
 from pipeline.images import CLASS_NAMES, LabeledImage
 
@@ -302,28 +302,31 @@ def close_abandoned(client: MlflowClient, experiment_id: str, parent: Run, stage
 
 @contextlib.contextmanager
 def stage_run(
-    stage: str, cfg: Config, *sections: str, system_metrics: bool = False
+    stage: str,
+    cfg: Config,
+    params: Mapping[str, Any] | None = None,
+    system_metrics: bool = False,
 ) -> Iterator[Run]:
-    """Opens this stage's child run under the execution's parent run and logs its params.
+    """Opens this stage's child run under the execution's parent run and logs `params`.
 
-    `sections` names the `params.yaml` sections the stage reads; they are logged flattened
-    (`head.learning_rate`), the names `dvc exp show` uses too. A tracking server that
-    refuses or goes away ends the stage with one line naming it (`server_problem`); the
-    outputs the stage was staging are dropped and the previous ones stay.
+    `params` are flattened (`head.learning_rate`), the names `dvc exp show` uses too
+    (`stage.declared_params` gives a stage's own). A tracking server that refuses or goes
+    away raises a `TrackingError` naming it (`server_problem`); the outputs the stage was
+    staging are dropped and the previous ones stay.
     """
     uri = tracking_uri()
     try:
-        with _stage_run(stage, cfg, sections, system_metrics) as run:
+        with _stage_run(stage, cfg, params or {}, system_metrics) as run:
             yield run
     except MlflowException as error:
         if (problem := server_problem(error, uri)) is None:
             raise
-        sys.exit(f"{stage}: {problem}")
+        raise TrackingError(problem) from None
 
 
 @contextlib.contextmanager
 def _stage_run(
-    stage: str, cfg: Config, sections: Sequence[str], system_metrics: bool
+    stage: str, cfg: Config, params: Mapping[str, Any], system_metrics: bool
 ) -> Iterator[Run]:
     # A server chooses its own artifact store; the default store keeps artifacts beside it
     # rather than relative to whichever copy of the repository created the experiment.
@@ -368,8 +371,7 @@ def _stage_run(
             tags={**tags, STAGE_TAG: stage, KEY_TAG: key},
             log_system_metrics=system_metrics,
         ) as run:
-            params = {name: getattr(cfg, name).model_dump(mode="json") for name in sections}
-            mlflow.log_params(flatten(params))
+            mlflow.log_params(dict(params))
             yield run
         failed = False
     finally:

@@ -8,42 +8,77 @@ Each epoch the model's own random layers flip, rotate, zoom and shift every imag
 from __future__ import annotations
 
 import math
-import sys
 
 import keras
 import mlflow
 
-from pipeline import devices, process, tracking
-from pipeline.config import load_config_or_exit
+from pipeline import process, stage, tracking
+from pipeline.config import Config, PathsConfig
 from pipeline.datasets import training_datasets
-from pipeline.images import list_split
+from pipeline.devices import ComputePlan
+from pipeline.errors import MissingInputError
+from pipeline.images import LabeledImage, list_split
 from pipeline.models import build_cnn, for_inference
 from pipeline.training import PreciseBatchNorm, fit, log_and_record_model, save_training_outputs
 
 
 def main() -> None:
-    cfg = load_config_or_exit()
-    plan, strategy = devices.configure_or_exit(cfg.compute)
-    params, paths, seed = cfg.train_cnn, cfg.paths, cfg.common.seed
+    with stage.context("train_cnn", batch_size=lambda cfg: cfg.train_cnn.batch_size) as ctx:
+        paths, reports = ctx.cfg.paths, ctx.cfg.paths.reports.train_cnn
+        plan, strategy = ctx.plan, ctx.strategy
+        train, validation = training_images(paths, ctx.cfg.train_cnn.use_augmented)
+        plan.check_enough(training=len(train), validation=len(validation))
+        tracking.log_image_inputs(train, "train", "training")
+        tracking.log_image_inputs(validation, "validation", "validation")
+        trained, history, recomputed = train_cnn(ctx.cfg, plan, strategy, train, validation)
+        models = {paths.models.cnn: trained}
+        summary = save_training_outputs(models, history, reports, "scratch CNN")
+        mlflow.log_metrics(
+            {"data/train_images": len(train), "data/validation_images": len(validation)}
+        )
+        mlflow.log_artifacts(str(reports), artifact_path="reports")
+        log_and_record_model(trained, paths.models.cnn, "cnn", reports, summary)
+    statistics = (
+        f", batch norm's statistics recomputed on {recomputed} images each epoch"
+        if recomputed
+        else ""
+    )
+    print(
+        f"train_cnn: {summary['epochs_run']} epochs on {len(train)} images, best epoch "
+        f"{summary['best_epoch']}{statistics}: validation accuracy {summary['val/accuracy']:.3f}; "
+        f"saved {paths.models.cnn}"
+    )
+
+
+def training_images(
+    paths: PathsConfig, use_augmented: bool
+) -> tuple[list[LabeledImage], list[LabeledImage]]:
+    """The training images (with their variants, if asked) and the validation images."""
     train = list_split(paths.split / "train")
-    if params.use_augmented:
+    if use_augmented:
         train += list_split(paths.augmented / "train")
     validation = list_split(paths.split / "validation")
     if not train or not validation:
-        sys.exit("train_cnn: no training or validation images; run the split stage first")
-    plan.exit_if_too_few("train_cnn", training=len(train), validation=len(validation))
-    reports = paths.reports.train_cnn
+        raise MissingInputError("no training or validation images; run the split stage first")
+    return train, validation
+
+
+def train_cnn(
+    cfg: Config,
+    plan: ComputePlan,
+    strategy,
+    train: list[LabeledImage],
+    validation: list[LabeledImage],
+) -> tuple[keras.Model, dict[str, list[float]], int]:
+    """The trained model for inference, its history, and on how many images batch norm's
+    statistics were recomputed before each validation (0: none)."""
+    params, seed = cfg.train_cnn, cfg.common.seed
     keras.utils.set_random_seed(seed)
     batch_size = plan.global_batch_size(params.batch_size)
     datasets = training_datasets(
-        train,
-        validation,
-        params.image_size,
-        batch_size,
-        seed,
-        cfg.compute.cache_images,
+        train, validation, params.image_size, batch_size, seed, cfg.compute.cache_images,
         plan.replicas,
-    )
+    )  # fmt: skip
     with datasets as (train_data, validation_data):
         with strategy.scope():
             model = build_cnn(
@@ -52,34 +87,9 @@ def main() -> None:
                 steps_per_execution=plan.steps_per_execution,
                 seed=seed,
             )
-        sections = ("common", "compute", "train_cnn")
-        with tracking.stage_run("train_cnn", cfg, *sections, system_metrics=True):
-            mlflow.log_params(plan.params(params.batch_size))
-            tracking.log_image_inputs(train, "train", "training")
-            tracking.log_image_inputs(validation, "validation", "validation")
-            precise_batch_norm = PreciseBatchNorm(train_data, params.batch_norm_recompute_images)
-            history = fit(
-                model, train_data, validation_data, params, callbacks=[precise_batch_norm]
-            )
-            trained = for_inference(model)
-            summary = save_training_outputs(
-                {paths.models.cnn: trained}, history, reports, "scratch CNN"
-            )
-            mlflow.log_metrics(
-                {"data/train_images": len(train), "data/validation_images": len(validation)}
-            )
-            mlflow.log_artifacts(str(reports), artifact_path="reports")
-            log_and_record_model(trained, paths.models.cnn, "cnn", reports, summary)
-    statistics = (
-        f", batch norm's statistics recomputed on {precise_batch_norm.images} images each epoch"
-        if precise_batch_norm.images
-        else ""
-    )
-    print(
-        f"train_cnn: {summary['epochs_run']} epochs on {len(train)} images, best epoch "
-        f"{summary['best_epoch']}{statistics}: validation accuracy {summary['val/accuracy']:.3f}; "
-        f"saved {paths.models.cnn}"
-    )
+        precise_batch_norm = PreciseBatchNorm(train_data, params.batch_norm_recompute_images)
+        history = fit(model, train_data, validation_data, params, callbacks=[precise_batch_norm])
+    return for_inference(model), history, precise_batch_norm.images
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ raw images, for `pipeline.predict`.
 
 from __future__ import annotations
 
-import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import keras
@@ -15,9 +15,11 @@ import mlflow
 import numpy as np
 import tensorflow as tf
 
-from pipeline import devices, process, tracking
-from pipeline.config import load_config_or_exit
+from pipeline import process, stage, tracking
+from pipeline.config import PathsConfig
 from pipeline.datasets import splittable_over_replicas
+from pipeline.devices import ComputePlan
+from pipeline.errors import MissingInputError
 from pipeline.features import features_file, load_features
 from pipeline.images import LabeledImage
 from pipeline.models import build_head, compose_transfer, for_inference
@@ -75,9 +77,52 @@ def as_images(files: np.ndarray, labels: np.ndarray) -> list[LabeledImage]:
 
 
 def main() -> None:
-    cfg = load_config_or_exit()
-    plan, strategy = devices.configure_or_exit(cfg.compute, cpu_bfloat16_pays=False)
-    params, paths, seed = cfg.head, cfg.paths, cfg.common.seed
+    with stage.context(
+        "train_head", batch_size=lambda cfg: cfg.head.batch_size, cpu_bfloat16_pays=False
+    ) as ctx:
+        params, paths, reports = ctx.cfg.head, ctx.cfg.paths, ctx.cfg.paths.reports.train_head
+        plan, strategy = ctx.plan, ctx.strategy
+        keras.utils.set_random_seed(ctx.cfg.common.seed)
+        inputs = head_inputs(paths, plan, params.batch_size, ctx.cfg.common.seed)
+        backbone = load_backbone(paths.models.backbone)
+        tracking.log_image_inputs(inputs.train_images, "features/train", "training")
+        tracking.log_image_inputs(inputs.validation_images, "features/validation", "validation")
+        with strategy.scope():
+            head = build_head(inputs.feature_length, params, plan.steps_per_execution)
+        history = fit(head, inputs.train, inputs.validation, params)
+        trained = for_inference(head)
+        transfer = compose_transfer(backbone, trained)
+        models = {paths.models.head: trained, paths.models.transfer: transfer}
+        summary = save_training_outputs(models, history, reports, "VGG16 features + dense head")
+        mlflow.log_metrics(inputs.counts())
+        mlflow.log_artifacts(str(reports), artifact_path="reports")
+        # The end-to-end model is the one to register and serve: it takes raw images.
+        log_and_record_model(transfer, paths.models.transfer, "transfer", reports, summary)
+    print(
+        f"train_head: {summary['epochs_run']} epochs on {len(inputs.train_images)} feature "
+        f"vectors, best epoch {summary['best_epoch']} with validation accuracy "
+        f"{summary['val/accuracy']:.3f}; saved {paths.models.transfer}"
+    )
+
+
+@dataclass(frozen=True)
+class HeadInputs:
+    train: tf.data.Dataset
+    validation: tf.data.Dataset
+    feature_length: int
+    train_images: list[LabeledImage]
+    validation_images: list[LabeledImage]
+
+    def counts(self) -> dict[str, int]:
+        return {
+            "data/train_images": len(self.train_images),
+            "data/validation_images": len(self.validation_images),
+        }
+
+
+def head_inputs(paths: PathsConfig, plan: ComputePlan, batch_size: int, seed: int) -> HeadInputs:
+    """The stored features as datasets for `plan`; the arrays they were read into are let go
+    on return, since the datasets hold their own copies."""
     try:
         train_x, train_y, train_files = load_training_features(
             paths.features, paths.augmented_features
@@ -86,45 +131,27 @@ def main() -> None:
             features_file(paths.features, "validation"), dtype=None
         )
     except FileNotFoundError as error:
-        sys.exit(f"train_head: {error.filename} is missing; run the extract_features stage first")
-    plan.exit_if_too_few("train_head", training=len(train_y), validation=len(val_y))
-    reports = paths.reports.train_head
-    keras.utils.set_random_seed(seed)
-    batch_size = plan.global_batch_size(params.batch_size)
-    train_data = feature_dataset(train_x, train_y, batch_size, seed, plan.replicas)
-    validation_data = feature_dataset(val_x, val_y, batch_size, replicas=plan.replicas)
-    feature_length = train_x.shape[1]
-    del train_x, val_x  # the datasets hold their own copies
-    try:  # before training: without it there is no transfer model to save beside the head
-        backbone = keras.models.load_model(paths.models.backbone)
-    except (OSError, ValueError) as error:
-        sys.exit(f"train_head: cannot load {paths.models.backbone} ({error}); run extract_features")
-    with strategy.scope():
-        head = build_head(feature_length, params, plan.steps_per_execution)
-    with tracking.stage_run("train_head", cfg, "common", "compute", "head", system_metrics=True):
-        mlflow.log_params(plan.params(params.batch_size))
-        tracking.log_image_inputs(as_images(train_files, train_y), "features/train", "training")
-        tracking.log_image_inputs(as_images(val_files, val_y), "features/validation", "validation")
-        history = fit(head, train_data, validation_data, params)
-        trained = for_inference(head)
-        transfer = compose_transfer(backbone, trained)
-        summary = save_training_outputs(
-            {paths.models.head: trained, paths.models.transfer: transfer},
-            history,
-            reports,
-            "VGG16 features + dense head",
-        )
-        mlflow.log_metrics(
-            {"data/train_images": len(train_y), "data/validation_images": len(val_y)}
-        )
-        mlflow.log_artifacts(str(reports), artifact_path="reports")
-        # The end-to-end model is the one to register and serve: it takes raw images.
-        log_and_record_model(transfer, paths.models.transfer, "transfer", reports, summary)
-    print(
-        f"train_head: {summary['epochs_run']} epochs on {len(train_y)} feature vectors, best "
-        f"epoch {summary['best_epoch']} with validation accuracy "
-        f"{summary['val/accuracy']:.3f}; saved {paths.models.transfer}"
+        raise MissingInputError(
+            f"{error.filename} is missing; run the extract_features stage first"
+        ) from None
+    plan.check_enough(training=len(train_y), validation=len(val_y))
+    batch_size = plan.global_batch_size(batch_size)
+    return HeadInputs(
+        feature_dataset(train_x, train_y, batch_size, seed, plan.replicas),
+        feature_dataset(val_x, val_y, batch_size, replicas=plan.replicas),
+        train_x.shape[1],
+        as_images(train_files, train_y),
+        as_images(val_files, val_y),
     )
+
+
+def load_backbone(path: Path) -> keras.Model:
+    """The backbone the features came from, loaded before training: without it there is no
+    transfer model to save beside the head."""
+    try:
+        return keras.models.load_model(path)
+    except (OSError, ValueError) as error:
+        raise MissingInputError(f"cannot load {path} ({error}); run extract_features") from None
 
 
 if __name__ == "__main__":

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import numpy as np
 
 from pipeline import plots, serving, tracking
 from pipeline.config import OptimizerMixin
+from pipeline.errors import PipelineError
 from pipeline.files import MLFLOW_IDS_FILE, atomic_files, write_json
 from pipeline.history import (
     VALIDATION_LOSS,
@@ -41,6 +41,10 @@ class EpochMetricsCallback(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         if logs:
             mlflow.log_metrics(renamed(logs), step=epoch + 1)
+
+
+class TrainingDivergedError(PipelineError):
+    """Every epoch's validation loss was NaN: there is no model to keep."""
 
 
 def fit(
@@ -74,8 +78,8 @@ def fit(
         metric_name(name): [float(v) for v in values] for name, values in history.history.items()
     }
     if np.isnan(result[VALIDATION_LOSS]).all():
-        sys.exit(
-            f"{model.name}: the validation loss was NaN in every epoch, so training diverged "
+        raise TrainingDivergedError(
+            f"{model.name}'s validation loss was NaN in every epoch, so training diverged "
             "and there is no model to keep; lower the learning rate in params.yaml"
         )
     return result

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -84,10 +85,10 @@ def write_petimages_tree(root: Path, per_class: int) -> list[Path]:
 def run_stage_without_tensorflow(stage: str, workspace: Path) -> str:
     """Runs `python -m pipeline.<stage>` in `workspace`, in a fresh interpreter so that
     `sys.modules` tells what the stage itself imported; asserts it succeeded without importing
-    TensorFlow, and returns what it printed."""
+    TensorFlow or MLflow (a stage that is off logs no run), and returns what it printed."""
     code = (
         f"import runpy, sys; runpy.run_module('pipeline.{stage}', run_name='__main__'); "
-        "sys.exit('tensorflow' in sys.modules)"
+        "sys.exit(bool({'tensorflow', 'mlflow'} & set(sys.modules)))"
     )
     result = subprocess.run(
         [sys.executable, "-c", code],
@@ -97,7 +98,7 @@ def run_stage_without_tensorflow(stage: str, workspace: Path) -> str:
         text=True,
         timeout=120,
     )
-    assert result.returncode == 0, result.stderr or "it imported TensorFlow"
+    assert result.returncode == 0, result.stderr or "it imported TensorFlow or MLflow"
     return result.stdout
 
 
@@ -146,7 +147,8 @@ def tiny_pipeline(tmp_path_factory: pytest.TempPathFactory):
 
 @pytest.fixture
 def stage_workspace(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kaggle_zip: Path) -> Path:
-    """A folder with tiny params.yaml, as cwd, where a stage's `main()` can run in-process."""
+    """A folder with tiny params.yaml and the repository's dvc.yaml (which names each stage's
+    params), as cwd, where a stage's `main()` can run in-process."""
     import yaml
 
     from tests.pipeline_copy import TINY_PARAMS
@@ -158,6 +160,7 @@ def stage_workspace(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kaggle_zip:
     workspace = tmp_path / "workspace"
     workspace.mkdir()
     (workspace / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    shutil.copy(REPO_ROOT / "dvc.yaml", workspace / "dvc.yaml")
     monkeypatch.chdir(workspace)
     for name in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "DVC_EXP_NAME", "DVC_ROOT"):
         monkeypatch.setenv(name, "")  # so teardown removes what mlflow exports

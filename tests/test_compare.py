@@ -9,6 +9,7 @@ from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 
 from pipeline import compare, tracking
+from pipeline.errors import PipelineError
 
 
 @pytest.fixture
@@ -74,12 +75,12 @@ def test_csv_and_markdown_outputs(store, capsys) -> None:
 
 def test_an_empty_store_says_so(tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'empty.db'}")
-    with pytest.raises(SystemExit, match="no pipeline executions"):
+    with pytest.raises(PipelineError, match="no pipeline executions"):
         compare.main([])
 
 
 def test_an_unknown_metric_lists_the_known_ones_and_limit_counts_rows(store, capsys) -> None:
-    with pytest.raises(SystemExit, match=r"no execution has the metric 'transfer/test/acuracy'"):
+    with pytest.raises(PipelineError, match=r"no execution has the metric 'transfer/test/acuracy'"):
         compare.main(["--metric", "transfer/test/acuracy"])
     compare.main(["--csv", "--limit", "1"])
     assert [r["dvc_exp"] for r in csv.DictReader(io.StringIO(capsys.readouterr().out))] == [
@@ -94,6 +95,6 @@ def test_an_unreachable_server_is_one_line(monkeypatch) -> None:
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")  # nothing listens there
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     with pytest.raises(
-        SystemExit, match=r"cannot reach the MLflow server at http://127\.0\.0\.1:9"
+        PipelineError, match=r"cannot reach the MLflow server at http://127\.0\.0\.1:9"
     ):
         compare.main([])

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.config import ConfigError, flatten, load_config, load_config_or_exit, parse_config
+from pipeline.config import ConfigError, flatten, load_config, parse_config
 from tests.conftest import REPO_ROOT
 
 
@@ -142,9 +142,9 @@ def test_a_misspelt_top_level_section_is_refused_by_name(raw_params, tmp_path, r
     if renamed:
         raw_params["trian_cnn"] = raw_params.pop("train_cnn")
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw_params))
-    with pytest.raises(SystemExit) as exit_info:
-        load_config_or_exit(tmp_path / "params.yaml")
-    assert "  - trian_cnn: unknown key (a typo of train_cnn?)" in str(exit_info.value.code)
+    with pytest.raises(ConfigError) as error:
+        load_config(tmp_path / "params.yaml")
+    assert "  - trian_cnn: unknown key (a typo of train_cnn?)" in str(error.value)
 
 
 @pytest.mark.parametrize(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -120,9 +121,9 @@ def test_a_malformed_tf_config_is_named() -> None:
 
 def test_a_split_smaller_than_the_replica_count_is_refused() -> None:
     plan = plan_compute(ComputeConfig(), TWO_GPUS, CPU)
-    plan.exit_if_too_few("train_head", training=9, validation=2)
-    with pytest.raises(SystemExit, match=r"train_head: 1 validation examples .* 2 replicas"):
-        plan.exit_if_too_few("train_head", training=9, validation=1)
+    plan.check_enough(training=9, validation=2)
+    with pytest.raises(DeviceError, match=r"^1 validation examples .* 2 replicas"):
+        plan.check_enough(training=9, validation=1)
 
 
 def test_importing_devices_does_not_load_tensorflow() -> None:
@@ -177,7 +178,8 @@ UNEVEN_SPLITS = {"train": (5, 4), "validation": (5, 4), "test": (1, 0)}
 
 
 def tiny_workspace(root: Path, splits: dict[str, tuple[int, int]] = UNEVEN_SPLITS) -> Path:
-    """params.yaml for one-epoch models at batch size 4 per replica, and a split of `splits`."""
+    """params.yaml for one-epoch models at batch size 4 per replica, the repository's
+    dvc.yaml, and a split of `splits`."""
     params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
     one_epoch = {"batch_size": 4, "epochs": 1}
     params["train_cnn"].update(
@@ -194,6 +196,7 @@ def tiny_workspace(root: Path, splits: dict[str, tuple[int, int]] = UNEVEN_SPLIT
     params["compute"]["steps_per_execution"] = 16  # asked for; several replicas take 1
     root.mkdir(parents=True)
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    shutil.copy(REPO_ROOT / "dvc.yaml", root / "dvc.yaml")
     for number, (split, counts) in enumerate(splits.items()):
         for label, (name, count) in enumerate(zip(("cats", "dogs"), counts, strict=True)):
             folder = root / "data" / "split" / split / name
@@ -303,6 +306,6 @@ def test_a_stage_started_as_one_worker_of_a_cluster_exits_and_writes_nothing(tmp
     cluster = {"cluster": {"worker": ["a:1", "b:1"]}, "task": {"type": "worker", "index": 1}}
     monkeypatch.setenv("TF_CONFIG", json.dumps(cluster))
     monkeypatch.chdir(workspace)
-    with pytest.raises(SystemExit, match="cluster of 2 processes"):
+    with pytest.raises(DeviceError, match="cluster of 2 processes"):
         train_cnn.main()
-    assert sorted(p.name for p in workspace.iterdir()) == ["data", "params.yaml"]
+    assert sorted(p.name for p in workspace.iterdir()) == ["data", "dvc.yaml", "params.yaml"]

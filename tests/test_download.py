@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from pipeline import download
+from pipeline.archives import ArchiveError
 from pipeline.config import DownloadConfig, FileCheck, MirrorConfig
 from pipeline.download import (
     DownloadError,
@@ -245,12 +246,12 @@ def test_kaggle_credentials_never_reach_logs_or_mlflow(stage_workspace, monkeypa
     monkeypatch.setattr(kagglehub, "competition_download", kaggle_failure(status=403))
     set_params(stage_workspace, "download", source="kaggle")
 
-    with pytest.raises(SystemExit) as exit_info:
+    with pytest.raises(DownloadError) as error:
         download.main()
 
-    assert "rules have not been accepted" in str(exit_info.value.code)
+    assert "rules have not been accepted" in str(error.value)
     printed = capsys.readouterr()
-    assert secret not in printed.out + printed.err + str(exit_info.value.code)
+    assert secret not in printed.out + printed.err + str(error.value)
     stored = [p for p in stage_workspace.rglob("*") if p.is_file()]
     assert any(p.name == "mlflow.db" for p in stored)
     for path in stored:
@@ -268,10 +269,10 @@ def test_a_corrupt_archive_exits_clearly_and_keeps_the_previous_raw_data(
     corrupt.write_bytes(kaggle_zip.read_bytes()[:-100])
     set_params(stage_workspace, "download", local_path=str(corrupt))
 
-    with pytest.raises(SystemExit) as exit_info:
+    with pytest.raises(ArchiveError) as error:
         download.main()
 
-    assert "download: cannot extract cut.zip" in str(exit_info.value.code)
+    assert str(error.value).startswith("cannot extract cut.zip")
     after = sorted(
         p.relative_to(stage_workspace) for p in (stage_workspace / "data/raw").rglob("*")
     )

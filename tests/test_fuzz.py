@@ -25,6 +25,7 @@ from hypothesis import strategies as st
 
 from pipeline import archives
 from pipeline.config import ConfigError, flatten, load_config
+from pipeline.errors import PipelineError
 from pipeline.images import inspect_image, reencode_as_jpeg
 from tests.conftest import REPO_ROOT, jpeg_bytes, photo
 
@@ -279,6 +280,8 @@ def test_any_predict_arguments_work_or_exit_with_one_line(
     try:
         predict.main(argv)
         code = None
+    except PipelineError as error:  # what process.run prints as one line, with status 1
+        code = str(error)
     except SystemExit as exit_info:
         code = exit_info.code
     err = capsys.readouterr().err

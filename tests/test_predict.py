@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.errors import PipelineError
 from pipeline.models import build_cnn, for_inference
 from pipeline.predict import main
 from tests.conftest import tiny_config, write_kaggle_tree
@@ -46,9 +47,9 @@ def test_predict_writes_a_row_per_image_and_skips_bad_inputs(tmp_path, model_pat
 
 
 def test_predict_without_model_or_images_exits_with_a_message(tmp_path, model_path):
-    with pytest.raises(SystemExit, match="not found"):
+    with pytest.raises(PipelineError, match="not found"):
         main(["--model", str(tmp_path / "nope.keras"), str(tmp_path)])
-    with pytest.raises(SystemExit, match="no readable images"):
+    with pytest.raises(PipelineError, match="no readable images"):
         main(["--model", str(model_path), str(tmp_path / "missing.jpg")])
 
 
@@ -75,7 +76,7 @@ def test_kaggle_submission_has_every_id_in_order(tmp_path, model_path):
 
 def test_kaggle_submission_refuses_files_not_named_by_id(tmp_path, model_path):
     write_kaggle_tree(tmp_path / "photos", per_class=1)
-    with pytest.raises(SystemExit, match="not named like Kaggle's test images"):
+    with pytest.raises(PipelineError, match="not named like Kaggle's test images"):
         main(["--model", str(model_path), str(tmp_path / "photos"), "--kaggle-submission"])
 
 
@@ -104,7 +105,7 @@ def test_predict_refuses_outputs_that_would_overwrite_an_input(tmp_path, model_p
     photo = tmp_path / "photos/train/cat.0.jpg"
     before = photo.read_bytes()
     for out in (photo, tmp_path / "photos", tmp_path / "new.png"):
-        with pytest.raises(SystemExit, match=r"would overwrite a file it reads|is a folder"):
+        with pytest.raises(PipelineError, match=r"would overwrite a file it reads|is a folder"):
             main(["--model", str(model_path), str(photo), "--out", str(out)])
     assert photo.read_bytes() == before and not (tmp_path / "new.png").exists()
 
@@ -115,7 +116,7 @@ def test_predict_refuses_an_out_that_an_image_link_in_a_folder_points_to(tmp_pat
     target = tmp_path / "old-predictions.csv"
     target.write_bytes(b"file,prob_dog,label\r\n")  # one predict wrote: it may be replaced...
     (tmp_path / "photos/train/x.jpg").symlink_to(target)
-    with pytest.raises(SystemExit, match="would overwrite a file it reads"):  # ...but not read
+    with pytest.raises(PipelineError, match="would overwrite a file it reads"):  # ...but not read
         main(["--model", str(model_path), str(tmp_path / "photos"), "--out", str(target)])
     assert target.read_bytes() == b"file,prob_dog,label\r\n"
 
@@ -127,9 +128,9 @@ def test_predict_refuses_a_model_that_does_not_classify_images(tmp_path):
     for_inference(build_head(8, tiny_config().head)).save(head)  # as train_head saves it
     (tmp_path / "text.keras").write_text("not a model")
     write_kaggle_tree(tmp_path / "photos", per_class=1)
-    with pytest.raises(SystemExit, match=r"not images to P\(dog\)"):
+    with pytest.raises(PipelineError, match=r"not images to P\(dog\)"):
         main(["--model", str(head), str(tmp_path / "photos")])
-    with pytest.raises(SystemExit, match=r"text\.keras is not a Keras model file"):
+    with pytest.raises(PipelineError, match=r"text\.keras is not a Keras model file"):
         main(["--model", str(tmp_path / "text.keras"), str(tmp_path / "photos")])
 
 
@@ -148,10 +149,10 @@ def test_a_garbage_keras_file_is_named_as_such_not_as_missing(tmp_path, content)
     else:
         garbage.write_bytes(content)
     write_kaggle_tree(tmp_path / "photos", per_class=1)
-    with pytest.raises(SystemExit) as exit_info:
+    with pytest.raises(PipelineError) as error:
         main(["--model", str(garbage), str(tmp_path / "photos")])
-    message = str(exit_info.value.code)
-    assert message.startswith(f"predict: {garbage} is not a Keras model file")
+    message = str(error.value)
+    assert message.startswith(f"{garbage} is not a Keras model file")
     assert "not found" not in message and "\n" not in message
 
 
@@ -170,7 +171,7 @@ def test_kaggle_submission_refuses_ids_that_clash_or_are_not_numbers(tmp_path, m
     test1.mkdir()
     for name in names:
         (test1 / name).write_bytes(jpeg_bytes(photo(0, 1)))
-    with pytest.raises(SystemExit, match=r"both claim id|not named like Kaggle"):
+    with pytest.raises(PipelineError, match=r"both claim id|not named like Kaggle"):
         main(["--model", str(model_path), str(test1), "--kaggle-submission"])
 
 
@@ -208,11 +209,11 @@ def test_predict_never_overwrites_a_file_it_did_not_write(tmp_path, model_path, 
     out = tmp_path / name
     out.write_text(content, encoding="latin-1")
     before = out.read_bytes()
-    with pytest.raises(SystemExit) as exit_info:
+    with pytest.raises(PipelineError) as error:
         main(["--model", str(model_path), str(tmp_path / "photos"), "--out", str(out)])
-    message = str(exit_info.value.code)
+    message = str(error.value)
     assert message == (
-        f"predict: --out {out} exists and is not a CSV that predict wrote; "
+        f"--out {out} exists and is not a CSV that predict wrote; "
         "give a new file name, or remove it first"
     )
     assert out.read_bytes() == before
@@ -238,9 +239,9 @@ def test_a_models_uri_outside_the_repository_names_the_store_and_creates_none(
     for name in ("MLFLOW_TRACKING_URI", "DVC_ROOT"):
         monkeypatch.setenv(name, "")  # set, then delete: teardown also removes what MLflow sets
         monkeypatch.delenv(name)
-    with pytest.raises(SystemExit) as exit_info:
+    with pytest.raises(PipelineError) as error:
         main(["--model", "models:/dogs-vs-cats@champion", "cat.jpg"])
-    message = str(exit_info.value.code)
+    message = str(error.value)
     assert f"no MLflow store at {tmp_path.resolve() / 'mlflow.db'}" in message
     assert "\n" not in message
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cat.jpg"]  # no stray mlflow.db
@@ -255,5 +256,5 @@ def test_a_models_uri_missing_from_the_store_names_the_store(tmp_path, monkeypat
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     mlflow.MlflowClient(uri).search_experiments()  # creates the store, holding no model
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    with pytest.raises(SystemExit, match=f"from the MLflow store {uri}: "):
+    with pytest.raises(PipelineError, match=f"from the MLflow store {uri}: "):
         main(["--model", "models:/dogs-vs-cats@champion", str(tmp_path / "cat.jpg")])

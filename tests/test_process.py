@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from pipeline import process
+from pipeline.errors import MissingInputError
 
 
 @pytest.fixture
@@ -33,6 +34,30 @@ def test_a_failing_main_propagates_its_exit(unfrozen) -> None:
     with pytest.raises(SystemExit, match="a clear reason"):
         process.run(failing)
     assert gc.get_freeze_count() == before
+
+
+def test_a_pipeline_error_is_one_line_after_the_programs_name_and_exit_status_1(
+    unfrozen, capsys
+) -> None:
+    def main() -> None:
+        raise MissingInputError("data/split is empty; run the split stage first")
+
+    before = gc.get_freeze_count()
+    with pytest.raises(SystemExit) as exit_info:
+        process.run(main)
+    assert exit_info.value.code == 1
+    assert capsys.readouterr().err == (
+        "test_process: data/split is empty; run the split stage first\n"
+    )
+    assert gc.get_freeze_count() == before
+
+
+def test_any_other_exception_keeps_its_traceback(unfrozen) -> None:
+    def main() -> None:
+        raise ValueError("a bug")
+
+    with pytest.raises(ValueError, match="a bug"):
+        process.run(main)
 
 
 HEAVY = ("tensorflow", "keras", "mlflow", "pandas")

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import SplitConfig
+from pipeline.errors import BadInputError
 from pipeline.images import LabeledImage, list_split
 from pipeline.split import check_images, link_or_copy, split_files, summarize, write_split
 from tests.conftest import set_params, snapshot, write_kaggle_tree
@@ -255,10 +256,10 @@ def test_data_made_only_of_decompression_bombs_is_refused_for_what_it_is(
         for i in range(4):
             (raw / f"{name}.{i}.jpg").write_bytes(png_header(60000, 60000))
 
-    with pytest.raises(SystemExit) as exit_info:
+    with pytest.raises(BadInputError) as error:
         split.main()
 
-    message = str(exit_info.value.code)
+    message = str(error.value)
     assert "\n" not in message
     assert "8 of 8 images are unusable" in message
     assert "too many pixels: 60000x60000, limit" in message

@@ -6,7 +6,8 @@ import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
 
-from pipeline import tracking
+from pipeline import stage, tracking
+from pipeline.errors import MissingInputError, TrackingError
 from tests.conftest import REPO_ROOT
 
 
@@ -45,9 +46,10 @@ def test_execution_identity(repo_config) -> None:
 
 def test_stages_of_one_execution_share_one_parent(workspace, repo_config, monkeypatch):
     monkeypatch.setenv("DVC_EXP_NAME", "brisk-lynx")
-    with tracking.stage_run("split", repo_config, "common", "split") as first:
+    params = stage.declared_params("split", repo_config, REPO_ROOT / "dvc.yaml")
+    with tracking.stage_run("split", repo_config, params) as first:
         mlflow.log_metric("data/images_total", 10)
-    with tracking.stage_run("evaluate", repo_config, "evaluate") as second:
+    with tracking.stage_run("evaluate", repo_config) as second:
         tracking.log_to_parent(second, {"cnn/test/accuracy": 0.8})
 
     parent_id = tracking.parent_run_id(first)
@@ -83,7 +85,7 @@ def committed_params(workspace: Path) -> str:
 def test_the_parent_run_says_which_params_differ_from_the_commit(workspace, repo_config):
     sha = committed_params(workspace)
     client = MlflowClient(tracking.tracking_uri())
-    with tracking.stage_run("split", repo_config, "split") as unchanged:
+    with tracking.stage_run("split", repo_config) as unchanged:
         pass
     note = client.get_run(tracking.parent_run_id(unchanged)).data.tags["mlflow.note.content"]
     assert note == f"Pipeline execution with the params of `{sha[:7]}`."
@@ -91,7 +93,7 @@ def test_the_parent_run_says_which_params_differ_from_the_commit(workspace, repo
     edited = repo_config.model_copy(
         update={"head": repo_config.head.model_copy(update={"units": 128})}
     )
-    with tracking.stage_run("train_head", edited, "head") as run:
+    with tracking.stage_run("train_head", edited) as run:
         pass
     note = client.get_run(tracking.parent_run_id(run)).data.tags["mlflow.note.content"]
     assert note == f"Params changed from `{sha[:7]}`:\n\n- `head.units`: 256 → 128"
@@ -100,10 +102,10 @@ def test_the_parent_run_says_which_params_differ_from_the_commit(workspace, repo
 def test_a_failing_stage_marks_its_run_and_its_parent_failed_until_it_succeeds(
     workspace, repo_config
 ):
-    with tracking.stage_run("download", repo_config, "download") as done:
+    with tracking.stage_run("download", repo_config) as done:
         pass
-    with pytest.raises(SystemExit), tracking.stage_run("split", repo_config, "split") as run:
-        raise SystemExit("split: boom")
+    with pytest.raises(MissingInputError), tracking.stage_run("split", repo_config) as run:
+        raise MissingInputError("boom")
     client = MlflowClient(tracking.tracking_uri())
     assert client.get_run(run.info.run_id).info.status == "FAILED"
     parent_id = tracking.parent_run_id(run)
@@ -112,7 +114,7 @@ def test_a_failing_stage_marks_its_run_and_its_parent_failed_until_it_succeeds(
     assert parent.info.status == "FAILED"
     assert parent.data.tags[tracking.FAILED_STAGE_TAG] == "split"
 
-    with tracking.stage_run("split", repo_config, "split") as retried:  # `dvc repro` again
+    with tracking.stage_run("split", repo_config) as retried:  # `dvc repro` again
         pass
     assert tracking.parent_run_id(retried) == parent_id
     parent = client.get_run(parent_id)
@@ -121,9 +123,9 @@ def test_a_failing_stage_marks_its_run_and_its_parent_failed_until_it_succeeds(
 
 
 def test_the_parent_lasts_from_the_first_stage_start_to_the_last_stage_end(workspace, repo_config):
-    with tracking.stage_run("split", repo_config, "split") as first:
+    with tracking.stage_run("split", repo_config) as first:
         pass
-    with tracking.stage_run("augment", repo_config, "augment") as last:
+    with tracking.stage_run("augment", repo_config) as last:
         mlflow.log_metric("data/variants_written", 1)
     client = MlflowClient(tracking.tracking_uri())
     parent = client.get_run(tracking.parent_run_id(last)).info
@@ -138,15 +140,15 @@ def test_child_runs_are_named_after_their_stage_and_execution(workspace, repo_co
     names = []
     for execution in ("brisk-lynx", "calm-otter"):
         monkeypatch.setenv("DVC_EXP_NAME", execution)
-        with tracking.stage_run("train_cnn", repo_config, "train_cnn") as run:
+        with tracking.stage_run("train_cnn", repo_config) as run:
             pass
         names.append(MlflowClient(tracking.tracking_uri()).get_run(run.info.run_id).info.run_name)
     assert names == ["train_cnn · brisk-lynx", "train_cnn · calm-otter"]
 
 
 def test_a_failing_stage_marks_its_run_failed(workspace, repo_config):
-    with pytest.raises(SystemExit), tracking.stage_run("download", repo_config, "download") as run:
-        raise SystemExit("download: boom")
+    with pytest.raises(MissingInputError), tracking.stage_run("download", repo_config) as run:
+        raise MissingInputError("boom")
     status = MlflowClient(tracking.tracking_uri()).get_run(run.info.run_id).info.status
     assert status == "FAILED"
 
@@ -166,7 +168,7 @@ def test_runs_a_killed_process_left_running_are_failed_by_the_next_execution(
         "from pipeline import tracking\n"
         "from pipeline.config import load_config\n"
         "cfg = load_config(Path(sys.argv[1]))\n"
-        "with tracking.stage_run('train_cnn', cfg, 'train_cnn') as run:\n"
+        "with tracking.stage_run('train_cnn', cfg) as run:\n"
         "    print(run.info.run_id, flush=True)\n"
         "    os.kill(os.getpid(), signal.SIGKILL)\n"  # as the OOM killer would
     )
@@ -190,7 +192,7 @@ def test_runs_a_killed_process_left_running_are_failed_by_the_next_execution(
         tags={tracking.HOST_TAG: process.this_host(), tracking.PID_TAG: str(os.getppid())},
     )
 
-    with tracking.stage_run("split", repo_config, "split") as run:
+    with tracking.stage_run("split", repo_config) as run:
         pass
 
     dead = client.get_run(dead_id)
@@ -219,7 +221,7 @@ def test_four_stages_starting_at_once_on_a_fresh_store_all_log(workspace):
         "cfg = load_config(Path(sys.argv[1]))\n"
         "while not Path(sys.argv[2]).exists():\n"  # everything imported: start together
         "    time.sleep(0.01)\n"
-        "with tracking.stage_run('split', cfg, 'split'):\n"
+        "with tracking.stage_run('split', cfg):\n"
         "    mlflow.log_metric('images_total', 1)\n"
     )
     children = [
@@ -252,14 +254,14 @@ def test_a_parent_running_a_later_stage_is_owned_by_that_stages_process(workspac
     import subprocess
     import sys
 
-    with tracking.stage_run("download", repo_config, "download") as first:
+    with tracking.stage_run("download", repo_config) as first:
         pass
     client = MlflowClient(tracking.tracking_uri())
     parent_id = tracking.parent_run_id(first)
     ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], text=True,
                            capture_output=True, check=True).stdout.strip()  # fmt: skip
     client.set_tag(parent_id, tracking.PID_TAG, ended)  # as the first stage's process left it
-    with tracking.stage_run("split", repo_config, "split"):
+    with tracking.stage_run("split", repo_config):
         parent = client.get_run(parent_id)
         assert parent.info.status == "RUNNING"
         assert parent.data.tags[tracking.PID_TAG] == str(os.getpid())
@@ -268,12 +270,12 @@ def test_a_parent_running_a_later_stage_is_owned_by_that_stages_process(workspac
 
 
 def test_a_run_left_running_is_marked_failed_when_its_stage_runs_again(workspace, repo_config):
-    with tracking.stage_run("train_head", repo_config, "head") as lost:
+    with tracking.stage_run("train_head", repo_config) as lost:
         pass
     client = MlflowClient(tracking.tracking_uri())
     # What a stage that lost its server mid-run leaves: a child run never closed.
     client.update_run(lost.info.run_id, status="RUNNING")
-    with tracking.stage_run("train_head", repo_config, "head") as rerun:
+    with tracking.stage_run("train_head", repo_config) as rerun:
         pass
     stale = client.get_run(lost.info.run_id)
     assert stale.info.status == "FAILED"
@@ -286,10 +288,10 @@ def test_an_unreachable_server_ends_the_stage_with_one_line_naming_it(
 ):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://runner:s3cret@127.0.0.1:9")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    with pytest.raises(SystemExit) as exit_info, tracking.stage_run("split", repo_config, "split"):
+    with pytest.raises(TrackingError) as error, tracking.stage_run("split", repo_config):
         pass
-    message = str(exit_info.value.code)
-    assert message.startswith("split: cannot reach the MLflow server at http://127.0.0.1:9")
+    message = str(error.value)
+    assert message.startswith("cannot reach the MLflow server at http://127.0.0.1:9")
     assert "\n" not in message and "s3cret" not in message
 
 

@@ -15,6 +15,7 @@ from pipeline.models import build_head
 from pipeline.train_head import feature_dataset
 from pipeline.training import (
     PreciseBatchNorm,
+    TrainingDivergedError,
     fit,
     log_and_record_model,
     recompute_batch_norm_statistics,
@@ -82,7 +83,7 @@ def test_fit_exits_with_a_message_when_every_epoch_diverged() -> None:
     output = model.layers[-1]  # NaN weights: NaN outputs and loss from the first step on
     output.set_weights([np.full_like(w, np.nan) for w in output.get_weights()])
     data = feature_dataset(np.ones((16, 4), dtype="float32"), labels, 8)
-    with pytest.raises(SystemExit, match=r"diverged.*lower the learning rate"):
+    with pytest.raises(TrainingDivergedError, match=r"diverged.*lower the learning rate"):
         fit(model, data, data, cfg, log_to_mlflow=False)
 
 
