@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -28,6 +29,7 @@ def test_a_stage_piped_to_a_log_prints_plain_lines_and_no_tensorflow_noise(tmp_p
         params[section].update(values)
     params["compute"]["device"] = "cpu"
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    shutil.copy(REPO_ROOT / "dvc.yaml", tmp_path / "dvc.yaml")  # names the params to log
     for split, count in (("train", 8), ("validation", 4)):
         write_split_folder(tmp_path / "data" / "split" / split, count)
     # As a user's shell would have it: none of the settings the test suite sets for itself.
