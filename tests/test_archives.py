@@ -209,21 +209,22 @@ def test_one_entry_larger_than_the_entry_limit_is_refused(tmp_path: Path) -> Non
         extract(archive, tmp_path / "out", Limits(max_entry_bytes=1000))
 
 
-def zip_claiming_a_compressed_size(path: Path, claimed: int, actual: int) -> Path:
-    """A zip of `actual` zero bytes whose headers claim they take `claimed` bytes compressed,
-    so that the declared ratio looks harmless."""
+def zip_of_zeros_claiming(path: Path, actual: int, field: str, claimed: int) -> Path:
+    """A zip of `actual` zero bytes whose headers claim its `field` ("compressed" or "size")
+    is `claimed`: a harmless-looking ratio, or an entry smaller than it is."""
     import struct
 
     zip_of_zeros(path, "train/cat.1.jpg", actual)
     data = bytearray(path.read_bytes())
-    struct.pack_into("<I", data, data.index(b"PK\x03\x04") + 18, claimed)  # local header
-    struct.pack_into("<I", data, data.index(b"PK\x01\x02") + 20, claimed)  # central directory
+    at = 0 if field == "compressed" else 4  # the uncompressed size follows the compressed one
+    struct.pack_into("<I", data, data.index(b"PK\x03\x04") + 18 + at, claimed)  # local header
+    struct.pack_into("<I", data, data.index(b"PK\x01\x02") + 20 + at, claimed)  # central dir
     path.write_bytes(bytes(data))
     return path
 
 
 def test_a_zip_that_lies_about_its_compressed_size_is_still_a_bomb(tmp_path: Path) -> None:
-    archive = zip_claiming_a_compressed_size(tmp_path / "liar.zip", 2**31, 64 * 1024**2)
+    archive = zip_of_zeros_claiming(tmp_path / "liar.zip", 64 * 1024**2, "compressed", 2**31)
     with pytest.raises(UnsafeArchiveError, match=r"'train/cat\.1\.jpg': it expands \d+x"):
         extract(archive, tmp_path / "out")
     assert not list((tmp_path / "out").rglob("*.jpg"))
@@ -272,3 +273,43 @@ def test_an_entry_named_with_a_nul_byte_is_refused_by_name(tmp_path: Path, kind:
             tf.addfile(info, io.BytesIO(b"x"))
     with pytest.raises(UnsafeArchiveError, match="empty or with a NUL byte"):
         extract(archive, tmp_path / "out")
+
+
+def test_a_zip_that_understates_an_entry_writes_no_more_than_it_declares(tmp_path: Path) -> None:
+    archive = zip_of_zeros_claiming(tmp_path / "liar.zip", 64 * 1024**2, "size", 1000)
+    with pytest.raises(ArchiveError, match=r"liar\.zip"):
+        extract(archive, tmp_path / "out")
+    written = [p.stat().st_size for p in (tmp_path / "out").rglob("*") if p.is_file()]
+    assert all(size <= 1000 for size in written), written
+
+
+def test_one_bad_entry_refuses_the_whole_archive_before_any_is_written(tmp_path: Path) -> None:
+    for kind in ("zip", "tar"):
+        entries = {"train/cat.1.jpg": b"c", "../escape.jpg": b"x"}
+        if kind == "zip":
+            archive = make_zip(tmp_path / "mixed.zip", entries)
+        else:
+            infos = [tarfile.TarInfo(name) for name in entries]
+            for info in infos:
+                info.size = 1
+            archive = make_tar(tmp_path / "mixed.tar.gz", infos, b"c")
+        with pytest.raises(UnsafeArchiveError, match="leaves the target"):
+            extract(archive, tmp_path / kind)
+        assert not [p for p in tmp_path.rglob("*.jpg")], kind
+
+
+def test_links_inside_the_target_are_refused_too(tmp_path: Path) -> None:
+    """A dataset is files and folders: a link would read one photo twice, or a folder loop."""
+    photo_entry = tarfile.TarInfo("train/cat.1.jpg")
+    photo_entry.size = 1
+    link = tarfile.TarInfo("train/cat.2.jpg")
+    link.type, link.linkname = tarfile.SYMTYPE, "cat.1.jpg"
+    with pytest.raises(UnsafeArchiveError, match="link or special"):
+        extract(make_tar(tmp_path / "l.tar.gz", [photo_entry, link], b"c"), tmp_path / "out")
+
+
+def test_a_zip_made_on_windows_extracts_into_folders(tmp_path: Path) -> None:
+    """Some Windows tools write `\\` between folder names; zipfile keeps it in the file name."""
+    archive = make_zip(tmp_path / "win.zip", {"train\\cat.1.jpg": b"c", "train\\dog.1.jpg": b"d"})
+    extract(archive, tmp_path / "out")
+    assert jpgs(tmp_path / "out") == ["train/cat.1.jpg", "train/dog.1.jpg"]
