@@ -21,7 +21,6 @@ import numpy as np
 from PIL import Image
 from scipy.stats import binomtest
 from sklearn import metrics as skm
-from sklearn.calibration import calibration_curve
 
 from pipeline import plots, process, stage, tracking
 from pipeline.config import EvaluateConfig, PathsConfig
@@ -94,13 +93,13 @@ def write_predictions(
             )
 
 
-def write_roc(path: Path, labels: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def write_roc(path: Path, labels: np.ndarray, probs: np.ndarray) -> None:
+    """The ROC points `dvc plots` draws."""
     fpr, tpr, _ = skm.roc_curve(labels, probs)
     with path.open("w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["fpr", "tpr"])
         writer.writerows(zip(np.round(fpr, 6), np.round(tpr, 6), strict=True))
-    return fpr, tpr
 
 
 def confident_mistakes(
@@ -272,28 +271,22 @@ def write_reports(
     """
     targets = report_paths(predictions, reports)
     results: dict[str, dict[str, float]] = {}
-    roc, precision_recall, calibrations = {}, {}, {}
+    scores = {name: (labels, probs) for name, (_, labels, probs) in predictions.items()}
     with atomic_files(*targets.values()) as staged:
         out = dict(zip(targets, staged, strict=True))
         for name, (files, labels, probs) in predictions.items():
             results[name] = classification_metrics(labels, probs, threshold)
             write_predictions(out[f"predictions_{name}.csv"], files, labels, probs, threshold)
-            fpr, tpr = write_roc(out[f"roc_{name}.csv"], labels, probs)
-            roc[name] = (fpr, tpr, results[name]["roc_auc"])
-            precision, recall, _ = skm.precision_recall_curve(labels, probs)
-            average_precision = skm.average_precision_score(labels, probs)
-            precision_recall[name] = (recall, precision, average_precision)
-            observed, predicted = calibration_curve(labels, probs, n_bins=CALIBRATION_BINS)
-            calibrations[name] = (predicted, observed)
-            matrix = skm.confusion_matrix(labels, (probs >= threshold).astype(int), labels=[0, 1])
+            write_roc(out[f"roc_{name}.csv"], labels, probs)
+            predicted = (probs >= threshold).astype(int)
             title = f"{name} on the test split"
-            confusion = plots.confusion_matrix(matrix, CLASS_NAMES, title)
+            confusion = plots.confusion_matrix(labels, predicted, CLASS_NAMES, title)
             confusion.savefig(out[f"confusion_{name}.png"])
             mistakes = confident_mistakes(files, labels, probs, threshold, GALLERY_SIZE)
             mistakes_figure(name, mistakes).savefig(out[f"mistakes_{name}.png"])
-        plots.roc_curves(roc).savefig(out["roc.png"])
-        plots.precision_recall_curves(precision_recall).savefig(out["precision_recall.png"])
-        plots.calibration(calibrations).savefig(out["calibration.png"])
+        plots.roc_curves(scores).savefig(out["roc.png"])
+        plots.precision_recall_curves(scores).savefig(out["precision_recall.png"])
+        plots.calibration(scores, CALIBRATION_BINS).savefig(out["calibration.png"])
         out["comparison.md"].write_text(comparison_table(results))
         write_json(out[MLFLOW_IDS_FILE], ids or {})
         write_json(out["metrics.json"], named_by_model(results))

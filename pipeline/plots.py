@@ -1,14 +1,18 @@
 """Figures for reports and MLflow. Each function returns a matplotlib Figure; callers save it.
 
-Figures are made without pyplot, so nothing here needs a display or keeps global state.
+Figures are made as `Figure` objects, outside pyplot's figure manager, so nothing here needs
+a display or leaves a figure open. scikit-learn's displays draw the standard ones on them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import functools
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 from matplotlib.figure import Figure
+from sklearn.calibration import CalibrationDisplay
+from sklearn.metrics import ConfusionMatrixDisplay, PrecisionRecallDisplay, RocCurveDisplay
 
 
 def image_grid(grid: np.ndarray, column_titles: Sequence[str] = ()) -> Figure:
@@ -45,67 +49,76 @@ def training_history(history: Mapping[str, Sequence[float]], title: str) -> Figu
     return figure
 
 
-def confusion_matrix(matrix: np.ndarray, class_names: Sequence[str], title: str) -> Figure:
+# A model's name -> (true labels, P(dog)) on the test split.
+Scores = Mapping[str, tuple[np.ndarray, np.ndarray]]
+
+
+def confusion_matrix(
+    labels: np.ndarray, predicted: np.ndarray, class_names: Sequence[str], title: str
+) -> Figure:
     figure = Figure(figsize=(4, 4))
     axis = figure.subplots()
-    axis.imshow(matrix, cmap="Blues")
-    for (row, column), count in np.ndenumerate(matrix):
-        color = "white" if count > matrix.max() / 2 else "black"
-        axis.text(column, row, str(count), ha="center", va="center", color=color)
-    axis.set_xticks(range(len(class_names)), class_names)
-    axis.set_yticks(range(len(class_names)), class_names)
-    axis.set_xlabel("predicted")
-    axis.set_ylabel("actual")
-    axis.set_title(title)
+    ConfusionMatrixDisplay.from_predictions(
+        labels,
+        predicted,
+        labels=range(len(class_names)),
+        display_labels=class_names,
+        cmap="Blues",
+        colorbar=False,
+        ax=axis,
+    )
+    axis.set(xlabel="predicted", ylabel="actual", title=title)
     figure.tight_layout()
     return figure
 
 
-def roc_curves(curves: Mapping[str, tuple[np.ndarray, np.ndarray, float]]) -> Figure:
-    """`curves` maps a model name to `(false positive rates, true positive rates, AUC)`."""
+def curves(scores: Scores, draw: Callable[..., object], **labels: str) -> Figure:
+    """One scikit-learn display per model on shared axes, labelled in our words."""
     figure = Figure(figsize=(5, 5))
     axis = figure.subplots()
-    for name, (fpr, tpr, auc) in curves.items():
-        axis.plot(fpr, tpr, label=f"{name} (AUC {auc:.3f})")
-    axis.plot([0, 1], [0, 1], ":", color="grey", label="chance")
-    axis.set_xlabel("false positive rate")
-    axis.set_ylabel("true positive rate")
-    axis.set_title("ROC on the test split")
-    axis.legend(loc="lower right")
+    for name, (y_true, probs) in scores.items():
+        draw(y_true, probs, name=name, ax=axis)
+    axis.set(**labels)
     axis.grid(alpha=0.3)
     figure.tight_layout()
     return figure
 
 
-def precision_recall_curves(curves: Mapping[str, tuple[np.ndarray, np.ndarray, float]]) -> Figure:
-    """`curves` maps a model name to `(recall, precision, average precision)`."""
-    figure = Figure(figsize=(5, 5))
-    axis = figure.subplots()
-    for name, (recall, precision, average) in curves.items():
-        axis.plot(recall, precision, label=f"{name} (AP {average:.3f})")
-    axis.set_xlabel("recall (dogs found)")
-    axis.set_ylabel("precision (dog predictions right)")
-    axis.set_title("Precision-recall on the test split")
-    axis.legend(loc="lower left")
-    axis.grid(alpha=0.3)
-    figure.tight_layout()
+def roc_curves(scores: Scores) -> Figure:
+    """True against false positive rate, AUC in the legend, beside chance's diagonal."""
+    figure = curves(
+        scores,
+        RocCurveDisplay.from_predictions,
+        xlabel="false positive rate",
+        ylabel="true positive rate",
+        title="ROC on the test split",
+    )
+    figure.axes[0].plot([0, 1], [0, 1], ":", color="grey", label="chance")
+    figure.axes[0].legend(loc="lower right")
     return figure
 
 
-def calibration(curves: Mapping[str, tuple[np.ndarray, np.ndarray]]) -> Figure:
-    """`curves` maps a model name to `(mean predicted probability, fraction of dogs)` per bin."""
-    figure = Figure(figsize=(5, 5))
-    axis = figure.subplots()
-    axis.plot([0, 1], [0, 1], ":", color="grey", label="perfectly calibrated")
-    for name, (predicted, observed) in curves.items():
-        axis.plot(predicted, observed, marker="o", label=name)
-    axis.set_xlabel("predicted probability of a dog")
-    axis.set_ylabel("fraction that are dogs")
-    axis.set_title("Calibration on the test split")
-    axis.legend(loc="upper left")
-    axis.grid(alpha=0.3)
-    figure.tight_layout()
-    return figure
+def precision_recall_curves(scores: Scores) -> Figure:
+    """Dogs as the positive class, average precision in the legend."""
+    return curves(
+        scores,
+        PrecisionRecallDisplay.from_predictions,
+        xlabel="recall (dogs found)",
+        ylabel="precision (dog predictions right)",
+        title="Precision-recall on the test split",
+    )
+
+
+def calibration(scores: Scores, bins: int) -> Figure:
+    """Fraction of dogs against the mean P(dog) in each of `bins` equal-width bins."""
+    draw = functools.partial(CalibrationDisplay.from_predictions, n_bins=bins)
+    return curves(
+        scores,
+        draw,
+        xlabel="predicted probability of a dog",
+        ylabel="fraction that are dogs",
+        title="Calibration on the test split",
+    )
 
 
 def gallery(images: Sequence[np.ndarray], captions: Sequence[str], title: str) -> Figure:
