@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
 from pipeline import archives
 from pipeline.config import Config, load_config
@@ -355,9 +356,9 @@ def fmt(value: Any) -> str:
 
 
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    lines += ["| " + " | ".join(fmt(cell) for cell in row) + " |" for row in rows]
-    return "\n".join(lines)
+    """Cells as `fmt` writes them, kept as text: tabulate would read `1,234` again."""
+    cells = pd.DataFrame([[fmt(cell) for cell in row] for row in rows], columns=list(headers))
+    return cells.to_markdown(index=False, disable_numparse=True)
 
 
 @dataclass

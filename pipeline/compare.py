@@ -84,17 +84,15 @@ def comparison(runs: pd.DataFrame, metric: str) -> pd.DataFrame:
 
 
 def to_markdown(table: pd.DataFrame) -> str:
+    """Metrics to four places, blank where a run has none; params as MLflow logged them, as
+    text (a learning rate of `1e-05` must not read `0.0000`)."""
     import pandas as pd
 
-    def cell(value) -> str:
-        if value is None or (isinstance(value, float) and pd.isna(value)):
-            return ""
-        return f"{value:.4f}" if isinstance(value, float) else str(value)
-
-    header = "| " + " | ".join(table.columns) + " |"
-    rule = "|" + "---|" * len(table.columns)
-    rows = ["| " + " | ".join(cell(v) for v in row) + " |" for row in table.itertuples(index=False)]
-    return "\n".join([header, rule, *rows]) + "\n"
+    text = [i for i, column in enumerate(table) if not pd.api.types.is_float_dtype(table[column])]
+    cells = table.astype(object).where(table.notna(), None)  # tabulate blanks None, not NaN
+    return (
+        cells.to_markdown(index=False, floatfmt=".4f", missingval="", disable_numparse=text) + "\n"
+    )
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

@@ -18,6 +18,7 @@ from pathlib import Path
 import keras
 import mlflow
 import numpy as np
+import pandas as pd
 from PIL import Image
 from scipy.stats import binomtest
 from sklearn import metrics as skm
@@ -73,11 +74,8 @@ def classification_metrics(
 
 def comparison_table(results: dict[str, dict[str, float]]) -> str:
     """A Markdown table with one row per metric and one column per model."""
-    models = list(results)
-    lines = ["| metric | " + " | ".join(models) + " |", "|---" * (len(models) + 1) + "|"]
-    for name in METRIC_NAMES:
-        lines.append(f"| {name} | " + " | ".join(f"{results[m][name]:.4f}" for m in models) + " |")
-    return "\n".join(lines) + "\n"
+    table = pd.DataFrame(results).loc[list(METRIC_NAMES)].rename_axis("metric")
+    return table.to_markdown(floatfmt=".4f") + "\n"
 
 
 def write_predictions(

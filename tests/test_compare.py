@@ -69,8 +69,23 @@ def test_csv_and_markdown_outputs(store, capsys) -> None:
     assert [r["dvc_exp"] for r in rows] == ["fast-lr", "baseline", "small-head"]
     compare.main(["--markdown", "--metric", "transfer/test/log_loss"])
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].startswith("| run | dvc_exp |") and lines[1].startswith("|---|")
-    assert "| fast-lr |" in lines[2] and "0.3500" in lines[2]
+    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in lines]
+    assert rows[0][:2] == ["run", "dvc_exp"] and set("".join(rows[1])) == {":", "-"}
+    assert rows[2][:2] == ["fast-lr", "fast-lr"] and "0.3500" in rows[2]
+
+
+def test_markdown_keeps_params_as_logged_and_leaves_missing_metrics_blank() -> None:
+    import pandas as pd
+
+    table = pd.DataFrame(
+        {
+            "commit": ["1234567"],
+            "head.learning_rate": ["1e-05"],
+            "cnn/test/accuracy": [float("nan")],
+        }
+    )
+    row = compare.to_markdown(table).splitlines()[2]
+    assert [cell.strip() for cell in row.strip("|").split("|")] == ["1234567", "1e-05", ""]
 
 
 def test_an_empty_store_says_so(tmp_path, monkeypatch) -> None:
