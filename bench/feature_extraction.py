@@ -3,7 +3,7 @@
 Real path: the files through `pipeline.datasets.image_dataset` into `backbone.predict`,
 exactly `pipeline.features.extract`. Plain: the same images decoded into memory
 beforehand, then `backbone.predict` on the array. Their ratio is what the input pipeline
-costs extraction. The backbone is `pipeline.models.build_backbone` with params.yaml's
+costs extraction. The backbone is `pipeline.backbones.build_backbone` with params.yaml's
 `features` section and `weights: none` (random weights cost the same FLOPs as ImageNet's).
 Both run in float32 and, where the CPU has native bfloat16 (AVX-512 BF16 or AMX), under
 Keras' `mixed_bfloat16` policy; then the stage's head (params.yaml's `head`, float32) is
@@ -52,9 +52,9 @@ def head_accuracy(features: np.ndarray, labels: np.ndarray, cfg: HeadConfig, see
     import keras
 
     from pipeline.history import summarize_history
-    from pipeline.models import build_head
     from pipeline.train_head import feature_dataset
     from pipeline.training import fit
+    from pipeline.transfer import build_head
 
     order = np.random.default_rng(seed).permutation(len(labels))
     train, validation = np.split(order, [len(order) * 3 // 4])
@@ -84,8 +84,8 @@ def measure_policy(
     """
     import keras
 
+    from pipeline.backbones import build_backbone
     from pipeline.features import extract
-    from pipeline.models import build_backbone
 
     keras.mixed_precision.set_global_policy(policy)
     try:

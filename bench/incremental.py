@@ -136,7 +136,8 @@ def probe_overheads() -> None:
         import mlflow.keras
         from mlflow.models import infer_signature
     from bench.common import repo_config
-    from pipeline.models import build_cnn, for_inference
+    from pipeline.cnn import build_cnn
+    from pipeline.precision import for_inference
 
     cfg = repo_config().train_cnn.model_copy(update={"image_size": (32, 32)})
     model = for_inference(build_cnn(cfg))  # uncompiled, as the stages log their models

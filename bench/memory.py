@@ -82,9 +82,9 @@ def probe_head_feeding(feeding: str, train: int, validation: int, dim: int, epoc
     post-ReLU-like features of `dim`, held as `features.dtype` as `np.load` gives them."""
     import keras
 
-    from pipeline.models import build_head
     from pipeline.train_head import feature_dataset
     from pipeline.training import fit
+    from pipeline.transfer import build_head
 
     cfg = repo_config()
     rng = np.random.default_rng(cfg.common.seed)

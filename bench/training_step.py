@@ -1,6 +1,6 @@
 """Scratch CNN training throughput on in-memory batches, and the share of this CPU's peak.
 
-The model is `pipeline.models.build_cnn` with params.yaml's `train_cnn` section; the batches
+The model is `pipeline.cnn.build_cnn` with params.yaml's `train_cnn` section; the batches
 are real images decoded once into memory, so only the training step is timed. The float32
 peak is measured in the same run with large matmuls; the share is the model's analytic
 FLOPs (convolutions and dense layers from their shapes; a training step is about 3x the
@@ -42,7 +42,7 @@ TRAINING_FLOPS_FACTOR = 3  # forward, gradient w.r.t. activations, gradient w.r.
 
 def backbone_feature_size(cfg: FeaturesConfig) -> int:
     """The length of the feature vectors `extract_features` writes under `cfg`."""
-    from pipeline.models import build_backbone
+    from pipeline.backbones import build_backbone
 
     return int(build_backbone(cfg.model_copy(update={"weights": "none"})).output_shape[-1])
 
@@ -62,7 +62,7 @@ def head_step_ms(cfg: Config, features: int, batches: int, repeats: int) -> dict
     """
     import keras
 
-    from pipeline.models import build_head
+    from pipeline.transfer import build_head
 
     head_cfg = cfg.head.model_copy(update={"optimizer": "adam"})
     per_call = cfg.compute.steps_per_execution
@@ -117,7 +117,8 @@ def main(argv: Sequence[str] | None = None) -> Path:
 
     import keras
 
-    from pipeline.models import build_cnn, compile_binary
+    from pipeline.cnn import build_cnn
+    from pipeline.optimizers import compile_binary
 
     base = repo_config()
     cfg = base.train_cnn

@@ -35,7 +35,7 @@ def extract_augmented(ctx: stage.Stage) -> None:
 
     from pipeline import tracking
     from pipeline.features import extract_chunks, feature_dim, features_file, save_features
-    from pipeline.models import in_current_precision
+    from pipeline.precision import in_current_precision
 
     paths, params = ctx.cfg.paths, ctx.cfg.features
     images = list_split(paths.augmented / "train")

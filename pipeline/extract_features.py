@@ -13,13 +13,14 @@ import keras
 import mlflow
 
 from pipeline import process, stage, tracking
+from pipeline.backbones import build_backbone
 from pipeline.config import FeaturesConfig, PathsConfig
 from pipeline.devices import ComputePlan
 from pipeline.errors import MissingInputError
 from pipeline.features import extract_chunks, feature_dim, features_file, save_features
 from pipeline.files import atomic_dir, atomic_file, write_json
 from pipeline.images import SPLITS, LabeledImage, list_split
-from pipeline.models import build_backbone, for_inference
+from pipeline.precision import for_inference
 
 
 def main() -> None:

@@ -2,8 +2,8 @@
 
 The classic recipe: start from the trained head (a fine-tuned network needs a head that
 already works, or its large gradients wreck the pretrained features), unfreeze the last
-convolutional block of the backbone, and train both with SGD at a low learning rate. It
-reaches about 94% with 2,000 images and 97% with more, with ImageNet weights. Each epoch
+convolutional block of the backbone, and train both with SGD at a low learning rate
+(docs/pipeline.md says what it reaches). Each epoch
 runs the whole backbone forwards and its top backwards on every image, which on a laptop
 CPU takes hours on the full dataset: `finetune.enabled` is off by default there.
 """
@@ -40,7 +40,7 @@ def finetune(ctx: stage.Stage) -> None:
     import mlflow
 
     from pipeline import tracking
-    from pipeline.models import for_inference
+    from pipeline.precision import for_inference
     from pipeline.training import fit, log_and_record_model, save_training_outputs
 
     params, paths, reports = ctx.cfg.finetune, ctx.cfg.paths, ctx.cfg.paths.reports.finetune
@@ -85,7 +85,8 @@ def prepare(cfg: Config, plan, strategy, train: list, validation: list):
     import keras
 
     from pipeline.datasets import training_datasets
-    from pipeline.models import build_finetune_model, in_current_precision
+    from pipeline.precision import in_current_precision
+    from pipeline.transfer import build_finetune_model
 
     params, paths, seed = cfg.finetune, cfg.paths, cfg.common.seed
     keras.utils.set_random_seed(seed)

@@ -28,10 +28,10 @@ def run(main: Callable[[], None]) -> None:
     """Runs `main`, then keeps Python's garbage collector off what is left at exit.
 
     A process that imported TensorFlow, Keras and MLflow holds millions of objects, and the
-    collections Python runs while shutting down take 1.5-2.5 s of each such stage's wall time
-    (`bench.incremental`) to free memory the OS frees anyway. Frozen objects are skipped by
-    those collections; atexit handlers, `with` blocks and reference counting still run, so
-    files, temporary folders and MLflow runs are closed as before.
+    collections Python runs while shutting down take seconds of each such stage's wall time
+    (`bench.incremental` measures them) to free memory the OS frees anyway. Frozen objects
+    are skipped by those collections; atexit handlers, `with` blocks and reference counting
+    still run, so files, temporary folders and MLflow runs are closed as before.
 
     A `PipelineError` ends it with its one line after the program's name (`split: ...`) and
     exit status 1, Ctrl-C with `name: interrupted` and 130, instead of a traceback; the

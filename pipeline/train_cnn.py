@@ -13,12 +13,13 @@ import keras
 import mlflow
 
 from pipeline import process, stage, tracking
+from pipeline.cnn import build_cnn
 from pipeline.config import Config, PathsConfig
 from pipeline.datasets import training_datasets
 from pipeline.devices import ComputePlan
 from pipeline.errors import MissingInputError
 from pipeline.images import LabeledImage, list_split
-from pipeline.models import build_cnn, for_inference
+from pipeline.precision import for_inference
 from pipeline.training import PreciseBatchNorm, fit, log_and_record_model, save_training_outputs
 
 

@@ -22,8 +22,9 @@ from pipeline.devices import ComputePlan
 from pipeline.errors import MissingInputError
 from pipeline.features import features_file, load_features
 from pipeline.images import LabeledImage
-from pipeline.models import build_head, compose_transfer, for_inference
+from pipeline.precision import for_inference
 from pipeline.training import fit, log_and_record_model, save_training_outputs
+from pipeline.transfer import build_head, compose_transfer
 
 
 def feature_dataset(
@@ -39,8 +40,7 @@ def feature_dataset(
     The features are held in the dtype they were stored in (float16 by default, half of
     float32), in host memory, and each batch is gathered by index and cast. Shuffling
     shuffles the indices: the same order as shuffling the rows, without a shuffle buffer
-    holding a second copy of every row (`bench.memory`: train_head's peak at 16,000 images'
-    VGG16 features, 11,200 + 3,200 vectors of 8,192: 1,480 MiB, against 2,347 before).
+    holding a second copy of every row (`bench.memory` measures train_head's peak).
     """
     with tf.device("/CPU:0"):  # tf.data reads them on the host; no copy on a GPU
         rows = tf.constant(features)

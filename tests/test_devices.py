@@ -19,9 +19,9 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
+from pipeline.cnn import build_cnn
 from pipeline.config import ComputeConfig, flatten
 from pipeline.devices import DeviceError, cpu_flags, cpu_has_bf16, plan_compute
-from pipeline.models import build_cnn
 from pipeline.tracking import DEFAULT_EXPERIMENT
 from tests.conftest import REPO_ROOT, dtype_policies, jpeg_bytes, photo, tiny_config
 

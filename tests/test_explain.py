@@ -6,6 +6,7 @@ import keras
 import numpy as np
 import pytest
 
+from pipeline.cnn import build_cnn
 from pipeline.explain import (
     feature_maps,
     first_layer_filters,
@@ -14,7 +15,6 @@ from pipeline.explain import (
     write_figures,
 )
 from pipeline.images import LabeledImage
-from pipeline.models import build_cnn
 from tests.conftest import jpeg_bytes, photo, tiny_config
 
 CFG = tiny_config().train_cnn.model_copy(

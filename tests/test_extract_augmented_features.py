@@ -43,7 +43,8 @@ def test_on_without_augmented_images_exits_with_a_hint(stage_workspace: Path) ->
 def test_on_it_extracts_with_the_saved_backbone_and_the_head_trains_on_both(
     stage_workspace: Path,
 ) -> None:
-    from pipeline.models import build_backbone, for_inference
+    from pipeline.backbones import build_backbone
+    from pipeline.precision import for_inference
 
     set_params(stage_workspace, "features", include_augmented=True)
     cfg = tiny_config().features

@@ -79,7 +79,7 @@ def test_float16_storage_refuses_values_it_cannot_hold(tmp_path: Path, bad: floa
 
 
 def test_chunked_extraction_matches_one_predict(tmp_path, monkeypatch) -> None:
-    from pipeline.models import build_backbone
+    from pipeline.backbones import build_backbone
 
     images = labeled(write_kaggle_tree(tmp_path, per_class=4))
     cfg = tiny_config().features
@@ -96,7 +96,7 @@ def test_chunked_extraction_matches_one_predict(tmp_path, monkeypatch) -> None:
 def test_a_last_batch_too_small_for_the_replicas_is_padded_and_trimmed(
     tmp_path, monkeypatch
 ) -> None:
-    from pipeline.models import build_backbone
+    from pipeline.backbones import build_backbone
 
     images = labeled(write_kaggle_tree(tmp_path, per_class=4))[:7]  # batches of 3: 3, 3, 1
     cfg = tiny_config().features.model_copy(update={"batch_size": 3})

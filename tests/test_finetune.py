@@ -7,13 +7,9 @@ import keras
 import numpy as np
 import pytest
 
-from pipeline.models import (
-    build_backbone,
-    build_finetune_model,
-    build_head,
-    in_current_precision,
-    unfreeze_top,
-)
+from pipeline.backbones import build_backbone
+from pipeline.precision import in_current_precision
+from pipeline.transfer import build_finetune_model, build_head, unfreeze_top
 from tests.conftest import dtype_policies, run_stage_without_tensorflow, set_params, tiny_config
 
 FEATURES = tiny_config().features

@@ -250,7 +250,8 @@ token = st.sampled_from(OPTIONS + VALUES) | st.text(
 
 @pytest.fixture(scope="module")
 def predict_folder(tmp_path_factory) -> Path:
-    from pipeline.models import build_cnn, for_inference
+    from pipeline.cnn import build_cnn
+    from pipeline.precision import for_inference
     from tests.conftest import tiny_config
 
     folder = tmp_path_factory.mktemp("predict")

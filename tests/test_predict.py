@@ -5,8 +5,9 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.cnn import build_cnn
 from pipeline.errors import PipelineError
-from pipeline.models import build_cnn, for_inference
+from pipeline.precision import for_inference
 from pipeline.predict import main
 from tests.conftest import tiny_config, write_kaggle_tree
 
@@ -122,7 +123,7 @@ def test_predict_refuses_an_out_that_an_image_link_in_a_folder_points_to(tmp_pat
 
 
 def test_predict_refuses_a_model_that_does_not_classify_images(tmp_path):
-    from pipeline.models import build_head
+    from pipeline.transfer import build_head
 
     head = tmp_path / "head.keras"
     for_inference(build_head(8, tiny_config().head)).save(head)  # as train_head saves it

@@ -11,7 +11,6 @@ import tensorflow as tf
 from mlflow.tracking import MlflowClient
 
 from pipeline.datasets import image_dataset
-from pipeline.models import build_head
 from pipeline.train_head import feature_dataset
 from pipeline.training import (
     PreciseBatchNorm,
@@ -21,6 +20,7 @@ from pipeline.training import (
     recompute_batch_norm_statistics,
     save_training_outputs,
 )
+from pipeline.transfer import build_head
 from tests.conftest import tiny_config, write_split_folder
 
 
