@@ -59,7 +59,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
     parser.add_argument("--keep", action="store_true", help="keep the copy afterwards")
     args = parser.parse_args(argv)
 
-    from tests.pipeline_copy import PipelineCopy
+    from devtools.pipeline_copy import PipelineCopy
 
     overrides = ["features.weights=none", *preset_overrides(args.preset), *args.set]
     if args.n:

@@ -261,7 +261,7 @@ def decode_all(
 
 def write_synthetic_images(root: Path, n: int, size: int = 128) -> Path:
     """`n` generated JPEGs in Kaggle's layout, half cats, half dogs: the tests' images."""
-    from tests.conftest import write_kaggle_tree
+    from devtools.fakes import write_kaggle_tree
 
     write_kaggle_tree(root, per_class=n // 2, size=(size, size))
     return root

@@ -1,6 +1,6 @@
 """Disk used by a full run, against the raw archive, and how long `dvc status` takes.
 
-A throwaway `tests.pipeline_copy.PipelineCopy` runs `dvc repro` from scratch with the tests'
+A throwaway `devtools.pipeline_copy.PipelineCopy` runs `dvc repro` from scratch with the tests'
 small models but the configured `split` fractions and image sizes for `augment` and
 `features` (they decide the bytes written: how many variants are stored, at what size, and
 flattened VGG16 features) and `finetune.enabled` as configured (another VGG16-sized model
@@ -88,7 +88,7 @@ def resized_archive(source: Path, size: str, workdir: Path) -> Path:
     from PIL import Image
 
     from bench.common import prepare_images
-    from tests.conftest import jpeg_bytes
+    from devtools.fakes import jpeg_bytes
 
     width, height = (int(side) for side in size.lower().split("x"))
     target = workdir / f"resized-{width}x{height}.zip"
@@ -144,7 +144,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
     if args.resize and not re.fullmatch(r"[1-9]\d*x[1-9]\d*", args.resize.lower()):
         parser.error(f"--resize {args.resize}: expected WIDTHxHEIGHT, such as 404x360")
 
-    from tests.pipeline_copy import TINY_PARAMS, PipelineCopy, clean_env
+    from devtools.pipeline_copy import TINY_PARAMS, PipelineCopy, clean_env
 
     report = Report("disk", "Disk use of a full run, and dvc status time", args.quick)
     images = args.images.expanduser().resolve()

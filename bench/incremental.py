@@ -1,6 +1,6 @@
 """Wall time of `dvc repro` on a throwaway copy: from scratch, then after small edits.
 
-The copy is `tests.pipeline_copy.PipelineCopy`: this repository's files and params.yaml
+The copy is `devtools.pipeline_copy.PipelineCopy`: this repository's files and params.yaml
 (`--params repo`, the default; with `features.weights: none`, since the ImageNet weights
 cannot be assumed downloadable, and cost the same FLOPs) or the tests' small params
 (`--params tests`, the default with `--quick`), and `download.source: local` pointing at
@@ -68,7 +68,7 @@ def copied_archive(source: Path, copies: int, workdir: Path) -> Path:
     from PIL import Image, ImageChops, ImageOps
 
     from bench.common import prepare_images
-    from tests.conftest import jpeg_bytes
+    from devtools.fakes import jpeg_bytes
 
     target = workdir / f"copies-{copies}.zip"
     with zipfile.ZipFile(target, "w", zipfile.ZIP_STORED) as archive:
@@ -211,7 +211,7 @@ def in_fresh_interpreter(command: str) -> tuple[float, str, float]:
 
     Returns the seconds it took, its last line of stdout, and the wall-clock time it exited at.
     """
-    from tests.pipeline_copy import probe_env
+    from devtools.pipeline_copy import probe_env
 
     with tempfile.TemporaryDirectory(prefix="bench-overheads-") as probe:
         with Timer() as total:
@@ -278,7 +278,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
         parser.error(f"--copies {args.copies}: expected 1 or more")
     which_params = args.params or ("tests" if args.quick else "repo")
 
-    from tests.pipeline_copy import PipelineCopy
+    from devtools.pipeline_copy import PipelineCopy
 
     report = Report("incremental", "Incremental re-runs: dvc repro wall time", args.quick)
     source = images = args.images.expanduser().resolve()

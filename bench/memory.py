@@ -1,7 +1,7 @@
 """Peak memory and time of every stage as the number of images grows.
 
 For each N (default 1,000, 4,000 and 16,000), N small JPEGs (128x128, generated like the
-tests' images, half cats, half dogs) go into a fresh `tests.pipeline_copy.PipelineCopy`,
+tests' images, half cats, half dogs) go into a fresh `devtools.pipeline_copy.PipelineCopy`,
 and each stage runs as its own subprocess, `python -m pipeline.<stage>`, in DVC's order.
 Its peak resident memory is the child's `ru_maxrss` from `os.wait4`. A stage whose peak
 stays flat as N grows streams its data; time should grow linearly in N. The watched stages
@@ -129,8 +129,8 @@ def measure_head_feeding(
     sizes: Sequence[int], dim: int, epochs: int, workdir: Path, timeout: float
 ) -> dict[str, dict[int, dict]]:
     """Peak RSS and seconds of `probe_head_feeding`, each feeding at each N, taking turns."""
+    from devtools.pipeline_copy import probe_env
     from pipeline.split import split_counts
-    from tests.pipeline_copy import probe_env
 
     split = repo_config().split
     measured: dict[str, dict[int, dict]] = {feeding: {} for feeding in HEAD_FEEDINGS}
@@ -218,7 +218,7 @@ def measure(
     args: argparse.Namespace, sizes: list[int], params: dict, repeats: int
 ) -> tuple[dict, dict, dict]:
     """Every stage at every size, the head's feedings, then the import floors."""
-    from tests.pipeline_copy import probe_env
+    from devtools.pipeline_copy import probe_env
 
     per_size: dict[int, dict] = {}
     with tempfile.TemporaryDirectory(prefix="bench-memory-", dir=args.workdir) as workdir:
@@ -296,7 +296,7 @@ def memory_params(image_size: int, finetune: bool, epochs: int = 1) -> dict[str,
 def measure_size(
     n: int, workdir: Path, params: dict[str, dict], timeout: float, repeats: int = 1
 ) -> dict[str, dict[str, float | int]]:
-    from tests.pipeline_copy import PipelineCopy
+    from devtools.pipeline_copy import PipelineCopy
 
     source = write_synthetic_images(workdir / f"images-{n}", n)
     repo = workdir / f"repo-{n}"

@@ -1,7 +1,7 @@
 """Mixed bfloat16 against float32 on this CPU: the stages' time and the models' accuracy.
 
 What `compute.precision: auto` decides on a CPU with AVX512-BF16 or AMX, measured on a
-throwaway copy (`tests.pipeline_copy.PipelineCopy`) with the repository's params and
+throwaway copy (`devtools.pipeline_copy.PipelineCopy`) with the repository's params and
 `features.weights: none`, or the tests' small params with `--quick`. `dvc repro augment`
 prepares the splits and the augmented variants once. Then, for each seed in `--seeds`, the
 stages run as their own processes, as DVC runs them, with `common.seed` and
@@ -83,7 +83,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
     args = parser.parse_args(argv)
     seeds = args.seeds or ([1] if args.quick else [1, 2, 3])
 
-    from tests.pipeline_copy import PipelineCopy
+    from devtools.pipeline_copy import PipelineCopy
 
     report = Report("precision", "Mixed bfloat16 vs. float32 on this CPU", args.quick)
     report.settings = {"seeds": seeds, "images": str(args.images), "bf16_native": cpu_has_bf16()}

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import shutil
 import subprocess
 import sys
@@ -10,10 +9,9 @@ import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import numpy as np
 import pytest
-from PIL import Image
 
+from devtools.fakes import jpeg_bytes, photo, write_kaggle_tree
 from pipeline.config import Config, load_config
 from pipeline.images import LabeledImage, list_split
 
@@ -21,43 +19,6 @@ if TYPE_CHECKING:
     import keras  # imported where used: most tests need no TensorFlow
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-
-
-def photo(label: int, seed: int, size: tuple[int, int] = (48, 40)) -> Image.Image:
-    """A small RGB image a model can tell apart: cats warm and round, dogs cool and square."""
-    rng = np.random.default_rng(seed)
-    height, width = size[1], size[0]
-    pixels = rng.normal(128, 30, (height, width, 3))
-    yy, xx = np.mgrid[:height, :width]
-    cy, cx, r = height / 2, width / 2, min(height, width) / 3
-    if label == 0:
-        mask = (yy - cy) ** 2 + (xx - cx) ** 2 < r**2
-        pixels[mask] = [220, 120, 60]
-    else:
-        mask = (abs(yy - cy) < r) & (abs(xx - cx) < r)
-        pixels[mask] = [60, 120, 220]
-    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
-
-
-def jpeg_bytes(image: Image.Image, **save_args) -> bytes:
-    out = io.BytesIO()
-    image.save(out, format=save_args.pop("format", "JPEG"), **save_args)
-    return out.getvalue()
-
-
-def write_kaggle_tree(
-    root: Path, per_class: int, start: int = 0, size: tuple[int, int] = (48, 40)
-) -> list[Path]:
-    """`root/train/cat.N.jpg` and `root/train/dog.N.jpg`, Kaggle's layout."""
-    folder = root / "train"
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for label, name in enumerate(("cat", "dog")):
-        for n in range(start, start + per_class):
-            path = folder / f"{name}.{n}.jpg"
-            path.write_bytes(jpeg_bytes(photo(label, seed=label * 10_000 + n, size=size)))
-            paths.append(path)
-    return paths
 
 
 def write_split_folder(root: Path, per_class: int) -> list[LabeledImage]:
@@ -130,7 +91,7 @@ def kaggle_zip(tmp_path: Path) -> Path:
 @pytest.fixture(scope="session")
 def tiny_pipeline(tmp_path_factory: pytest.TempPathFactory):
     """A repository copy on which `dvc repro` has run once, shared by the slow tests."""
-    from tests.pipeline_copy import PipelineCopy
+    from devtools.pipeline_copy import PipelineCopy
 
     data = tmp_path_factory.mktemp("dataset")
     write_kaggle_tree(data / "src", per_class=16)
@@ -151,7 +112,7 @@ def stage_workspace(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kaggle_zip:
     params), as cwd, where a stage's `main()` can run in-process."""
     import yaml
 
-    from tests.pipeline_copy import TINY_PARAMS
+    from devtools.pipeline_copy import TINY_PARAMS
 
     params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
     for section, values in TINY_PARAMS.items():
@@ -184,8 +145,8 @@ def tiny_config():
     """`params.yaml` at the end-to-end test's tiny sizes: every test's config starts here."""
     import yaml
 
+    from devtools.pipeline_copy import TINY_PARAMS
     from pipeline.config import parse_config
-    from tests.pipeline_copy import TINY_PARAMS
 
     params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
     for section, values in TINY_PARAMS.items():

@@ -240,7 +240,7 @@ def test_a_tar_gz_bomb_is_refused_by_its_ratio(tmp_path: Path) -> None:
 
 
 def test_real_photos_and_small_text_files_are_within_the_ratio(tmp_path: Path) -> None:
-    from tests.conftest import jpeg_bytes, photo
+    from devtools.fakes import jpeg_bytes, photo
 
     entries = {f"train/cat.{i}.jpg": jpeg_bytes(photo(0, i)) for i in range(3)}
     entries["sampleSubmission.csv"] = b"id,label\n" + b"".join(b"%d,0\n" % i for i in range(12500))

@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from devtools.fakes import write_kaggle_tree
 from pipeline.augment import augment_batch, derive_seed, preview, write_variants
 from pipeline.config import AugmentConfig
 from pipeline.images import list_split
-from tests.conftest import set_params, snapshot, write_kaggle_tree, write_split_folder
+from tests.conftest import set_params, snapshot, write_split_folder
 
 CFG = AugmentConfig(
     variants=2,

@@ -331,3 +331,32 @@ def test_plot_accuracy_draws_the_committed_results_and_names_missing_columns(
     broken.write_text("recipe,test_accuracy\ndefault,0.9\n")
     with pytest.raises(SystemExit, match="lacks the columns"):
         plot_accuracy.main(["--csv", str(broken), "--out", str(tmp_path / "x.png")])
+
+
+def imported_top_packages(folder: str) -> dict[str, set[str]]:
+    """For each `.py` file under `folder`, the top-level packages it imports, at any depth."""
+    import ast
+
+    from tests.conftest import REPO_ROOT
+
+    found = {}
+    for path in sorted((REPO_ROOT / folder).rglob("*.py")):
+        names = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                names.add(node.module.split(".")[0])
+            elif isinstance(node, ast.Import):
+                names |= {alias.name.split(".")[0] for alias in node.names}
+        found[path.relative_to(REPO_ROOT).as_posix()] = names
+    return found
+
+
+def test_benchmarks_share_the_tests_fakes_through_devtools_never_tests() -> None:
+    """tests/ may change with any test; what the benchmarks need lives in devtools/."""
+    for folder, forbidden in [
+        ("bench", {"tests"}),
+        ("devtools", {"tests", "bench"}),
+        ("pipeline", {"tests", "bench", "devtools"}),  # what ships imports no dev code
+    ]:
+        for path, imported in imported_top_packages(folder).items():
+            assert not imported & forbidden, f"{path} imports {sorted(imported & forbidden)}"

@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from devtools.fakes import write_kaggle_tree
 from pipeline.datasets import image_dataset, left_out_of_last_batch, training_datasets
 from pipeline.images import LabeledImage
-from tests.conftest import write_kaggle_tree
 
 SIZE = (24, 20)
 
@@ -74,8 +74,8 @@ def test_load_image_matches_an_antialiased_resize_whether_it_shrinks_or_grows(
 ) -> None:
     import tensorflow as tf
 
+    from devtools.fakes import jpeg_bytes, photo
     from pipeline.datasets import load_image
-    from tests.conftest import jpeg_bytes, photo
 
     path = tmp_path / "image.jpg"
     path.write_bytes(jpeg_bytes(photo(1, seed=4, size=source_size)))

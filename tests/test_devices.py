@@ -19,11 +19,12 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
+from devtools.fakes import jpeg_bytes, photo
 from pipeline.cnn import build_cnn
 from pipeline.config import ComputeConfig, flatten
 from pipeline.devices import DeviceError, cpu_flags, cpu_has_bf16, plan_compute
 from pipeline.tracking import DEFAULT_EXPERIMENT
-from tests.conftest import REPO_ROOT, dtype_policies, jpeg_bytes, photo, tiny_config
+from tests.conftest import REPO_ROOT, dtype_policies, tiny_config
 
 CPU = ["/device:CPU:0"]
 TWO_GPUS = ["/device:GPU:0", "/device:GPU:1"]

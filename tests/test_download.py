@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from devtools.fakes import write_kaggle_tree
 from pipeline import download
 from pipeline.archives import ArchiveError
 from pipeline.config import DownloadConfig, FileCheck, MirrorConfig
@@ -20,7 +21,7 @@ from pipeline.download import (
     fetch_kaggle,
     populate_raw,
 )
-from tests.conftest import set_params, write_kaggle_tree, write_petimages_tree
+from tests.conftest import set_params, write_petimages_tree
 from tests.http_fixture import Served, serve
 
 

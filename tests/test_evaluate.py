@@ -67,7 +67,7 @@ def test_confident_mistakes_come_first_and_right_answers_never() -> None:
 
 
 def two_models_predictions(folder: Path) -> dict[str, tuple[list[str], np.ndarray, np.ndarray]]:
-    from tests.conftest import jpeg_bytes, photo
+    from devtools.fakes import jpeg_bytes, photo
 
     files = []
     for i in range(8):

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import write_kaggle_tree, zip_tree
-from tests.pipeline_copy import PipelineCopy
+from devtools.fakes import write_kaggle_tree
+from devtools.pipeline_copy import PipelineCopy
+from tests.conftest import zip_tree
 
 pytestmark = pytest.mark.slow
 

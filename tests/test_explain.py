@@ -6,6 +6,7 @@ import keras
 import numpy as np
 import pytest
 
+from devtools.fakes import jpeg_bytes, photo
 from pipeline.cnn import build_cnn
 from pipeline.explain import (
     feature_maps,
@@ -15,7 +16,7 @@ from pipeline.explain import (
     write_figures,
 )
 from pipeline.images import LabeledImage
-from tests.conftest import jpeg_bytes, photo, tiny_config
+from tests.conftest import tiny_config
 
 CFG = tiny_config().train_cnn.model_copy(
     update={

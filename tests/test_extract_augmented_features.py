@@ -12,12 +12,7 @@ from pipeline.errors import MissingInputError
 from pipeline.features import extract, load_features, save_features
 from pipeline.images import LabeledImage
 from pipeline.train_head import load_training_features
-from tests.conftest import (
-    run_stage_without_tensorflow,
-    set_params,
-    tiny_config,
-    write_split_folder,
-)
+from tests.conftest import run_stage_without_tensorflow, set_params, tiny_config, write_split_folder
 
 
 def test_off_it_writes_the_same_marker_each_time_without_importing_tensorflow(

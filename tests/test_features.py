@@ -7,10 +7,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from devtools.fakes import write_kaggle_tree
 from pipeline.datasets import image_dataset
 from pipeline.features import extract, extract_chunks, feature_dim, load_features, save_features
 from pipeline.images import LabeledImage
-from tests.conftest import tiny_config, write_kaggle_tree
+from tests.conftest import tiny_config
 
 
 def labeled(paths: list[Path]) -> list[LabeledImage]:

@@ -23,11 +23,12 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from devtools.fakes import jpeg_bytes, photo
 from pipeline import archives
 from pipeline.config import ConfigError, flatten, load_config
 from pipeline.errors import PipelineError
 from pipeline.images import inspect_image, reencode_as_jpeg
-from tests.conftest import REPO_ROOT, jpeg_bytes, photo
+from tests.conftest import REPO_ROOT
 
 pytestmark = pytest.mark.fuzz
 

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from devtools.fakes import jpeg_bytes, photo
 from pipeline.images import (
     MAX_IMAGE_PIXELS,
     find_labeled_images,
@@ -15,7 +16,6 @@ from pipeline.images import (
     list_split,
     reencode_as_jpeg,
 )
-from tests.conftest import jpeg_bytes, photo
 
 
 @pytest.mark.parametrize(

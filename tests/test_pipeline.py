@@ -10,7 +10,7 @@ import keras
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.pipeline_copy import PipelineCopy
+from devtools.pipeline_copy import PipelineCopy
 
 pytestmark = pytest.mark.slow
 

@@ -5,11 +5,12 @@ from pathlib import Path
 
 import pytest
 
+from devtools.fakes import write_kaggle_tree
 from pipeline.cnn import build_cnn
 from pipeline.errors import PipelineError
 from pipeline.precision import for_inference
 from pipeline.predict import main
-from tests.conftest import tiny_config, write_kaggle_tree
+from tests.conftest import tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +56,7 @@ def test_predict_without_model_or_images_exits_with_a_message(tmp_path, model_pa
 
 
 def test_kaggle_submission_has_every_id_in_order(tmp_path, model_path):
-    from tests.conftest import jpeg_bytes, photo
+    from devtools.fakes import jpeg_bytes, photo
 
     test1 = tmp_path / "test1"
     test1.mkdir()
@@ -166,7 +167,7 @@ def test_predict_refuses_out_of_range_options(tmp_path, model_path, option):
 
 @pytest.mark.parametrize("names", [["1.jpg", "01.jpg"], ["5.jpg", "5.png"], ["².jpg"]])
 def test_kaggle_submission_refuses_ids_that_clash_or_are_not_numbers(tmp_path, model_path, names):
-    from tests.conftest import jpeg_bytes, photo
+    from devtools.fakes import jpeg_bytes, photo
 
     test1 = tmp_path / "test1"
     test1.mkdir()
@@ -233,7 +234,7 @@ def test_predict_replaces_a_csv_it_wrote_before(tmp_path, model_path, header):
 def test_a_models_uri_outside_the_repository_names_the_store_and_creates_none(
     tmp_path, monkeypatch
 ):
-    from tests.conftest import jpeg_bytes, photo
+    from devtools.fakes import jpeg_bytes, photo
 
     (tmp_path / "cat.jpg").write_bytes(jpeg_bytes(photo(0, seed=1)))
     monkeypatch.chdir(tmp_path)  # no dvc.yaml here or above: not a repository
@@ -251,7 +252,7 @@ def test_a_models_uri_outside_the_repository_names_the_store_and_creates_none(
 def test_a_models_uri_missing_from_the_store_names_the_store(tmp_path, monkeypatch):
     import mlflow
 
-    from tests.conftest import jpeg_bytes, photo
+    from devtools.fakes import jpeg_bytes, photo
 
     (tmp_path / "cat.jpg").write_bytes(jpeg_bytes(photo(0, seed=1)))
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"

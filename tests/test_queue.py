@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from tests.pipeline_copy import PipelineCopy
+from devtools.pipeline_copy import PipelineCopy
 
 pytestmark = pytest.mark.slow
 

@@ -22,8 +22,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import jpeg_bytes, photo, write_kaggle_tree, zip_tree
-from tests.pipeline_copy import copy_repository
+from devtools.fakes import jpeg_bytes, photo, write_kaggle_tree
+from devtools.pipeline_copy import copy_repository
+from tests.conftest import zip_tree
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 README = REPO_ROOT / "README.md"

@@ -20,10 +20,11 @@ import pandas as pd
 import pytest
 from mlflow.exceptions import MlflowException
 
+from devtools.fakes import jpeg_bytes, photo
 from pipeline.cnn import build_cnn
 from pipeline.precision import for_inference
 from pipeline.serving import load_keras_model, log_photo_model
-from tests.conftest import jpeg_bytes, photo, tiny_config
+from tests.conftest import tiny_config
 from tests.mlflow_server import free_port
 
 

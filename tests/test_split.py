@@ -7,11 +7,12 @@ from pathlib import Path
 
 import pytest
 
+from devtools.fakes import write_kaggle_tree
 from pipeline.config import SplitConfig
 from pipeline.errors import BadInputError
 from pipeline.images import LabeledImage, list_split
 from pipeline.split import check_images, link_or_copy, split_files, summarize, write_split
-from tests.conftest import set_params, snapshot, write_kaggle_tree
+from tests.conftest import set_params, snapshot
 
 
 def fake_images(cats: int, dogs: int) -> list[LabeledImage]:
@@ -114,7 +115,7 @@ def test_split_copies_where_hard_links_are_refused(tmp_path: Path, monkeypatch) 
 
 
 def test_many_images_are_checked_in_processes_with_the_same_verdicts(tmp_path: Path) -> None:
-    from tests.conftest import jpeg_bytes, photo
+    from devtools.fakes import jpeg_bytes, photo
 
     good = jpeg_bytes(photo(0, 1))
     images = []
@@ -157,7 +158,7 @@ def bad_image_corpus(folder: Path) -> dict[str, str | None]:
 
     from PIL import Image
 
-    from tests.conftest import jpeg_bytes, photo
+    from devtools.fakes import jpeg_bytes, photo
 
     def encoded(image: Image.Image, fmt: str) -> bytes:
         out = io.BytesIO()

@@ -25,10 +25,11 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
+from devtools.fakes import write_kaggle_tree
+from devtools.pipeline_copy import REPO_ROOT, TINY_PARAMS, PipelineCopy, clean_env
 from pipeline.team_stack import Ports, TeamStack, team_stack
 from pipeline.tracking import ABANDONED_TAG, DEFAULT_EXPERIMENT, ENDED_TAG
-from tests.conftest import write_kaggle_tree, zip_tree
-from tests.pipeline_copy import REPO_ROOT, TINY_PARAMS, PipelineCopy, clean_env
+from tests.conftest import zip_tree
 
 pytestmark = pytest.mark.slow
 

@@ -7,10 +7,11 @@ import csv
 import pytest
 from mlflow.tracking import MlflowClient
 
+from devtools.fakes import write_kaggle_tree
+from devtools.pipeline_copy import PipelineCopy
 from pipeline.tracking import DEFAULT_EXPERIMENT
-from tests.conftest import write_kaggle_tree, zip_tree
+from tests.conftest import zip_tree
 from tests.mlflow_server import mlflow_server
-from tests.pipeline_copy import PipelineCopy
 
 pytestmark = pytest.mark.slow
 

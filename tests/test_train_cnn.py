@@ -11,8 +11,8 @@ from pathlib import Path
 
 import yaml
 
+from devtools.pipeline_copy import TINY_PARAMS
 from tests.conftest import REPO_ROOT, write_split_folder
-from tests.pipeline_copy import TINY_PARAMS
 
 NOISE = {
     "TensorFlow's C++ log lines": re.compile(r"^[IWEF]\d{4} ", re.MULTILINE),

@@ -1,4 +1,5 @@
-"""A throwaway copy of this repository, with tiny params, in which tests run DVC for real."""
+"""A throwaway copy of this repository, with tiny params, in which tests and benchmarks run
+DVC for real."""
 
 from __future__ import annotations
 
@@ -99,8 +100,8 @@ def clean_env(root: Path) -> dict[str, str]:
 
 
 def probe_env(root: Path) -> dict[str, str]:
-    """`clean_env` plus PYTHONPATH, for `python -c` probes that import `pipeline`, `bench` or
-    `tests` from outside the repository."""
+    """`clean_env` plus PYTHONPATH, for `python -c` probes that import `pipeline`, `bench`,
+    `devtools` or `tests` from outside the repository."""
     return {**clean_env(root), "PYTHONPATH": str(root)}
 
 
