@@ -21,6 +21,15 @@ if TYPE_CHECKING:
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(autouse=True)
+def float32_after_each_test():
+    """Keras's dtype policy is global: a stage run in-process on a CPU with bfloat16 leaves
+    `mixed_bfloat16` set, and the next test would build its models under it."""
+    yield
+    if "keras" in sys.modules:
+        sys.modules["keras"].mixed_precision.set_global_policy("float32")
+
+
 def write_split_folder(root: Path, per_class: int) -> list[LabeledImage]:
     """`root/{cats,dogs}/N.jpg`, the layout of the split and augment stages' outputs."""
     for label, name in enumerate(("cats", "dogs")):
