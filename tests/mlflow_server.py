@@ -21,9 +21,10 @@ def free_port() -> int:
 
 
 @contextmanager
-def mlflow_server(folder: Path, timeout: float = 240) -> Iterator[str]:
-    """Starts the server, waits until it answers, yields its URL, and stops it."""
-    store = f"sqlite:///{folder / 'mlflow.db'}"
+def mlflow_server(folder: Path, timeout: float = 240, store: str | None = None) -> Iterator[str]:
+    """Starts the server, waits until it answers, yields its URL, and stops it: on `store`,
+    or a new SQLite store in `folder`, where its log goes too."""
+    store = store or f"sqlite:///{folder / 'mlflow.db'}"
     mlflow = [sys.executable, "-m", "mlflow"]
     subprocess.run([*mlflow, "db", "upgrade", store], check=True, capture_output=True)
     port = free_port()
