@@ -27,6 +27,7 @@ from mlflow.data.sources import LocalArtifactDatasetSource
 from mlflow.entities import Param, Run
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
+from mlflow.tracking.context.registry import resolve_tags
 
 from pipeline import process
 from pipeline.config import PARAMS_FILE, Config, ConfigError, flatten, parse_config
@@ -229,8 +230,12 @@ def find_or_create_parent(
     )
     if found:
         return found[0]
+    # MLflow's context tags, as `mlflow.start_run` gives the stages' runs: the user among
+    # them (the server's login, MLFLOW_TRACKING_USERNAME, where there is one).
     run = client.create_run(
-        experiment_id, run_name=name, tags={**tags, KEY_TAG: key, STAGE_TAG: "pipeline"}
+        experiment_id,
+        run_name=name,
+        tags=resolve_tags({**tags, KEY_TAG: key, STAGE_TAG: "pipeline"}),
     )
     # Every param on the parent too, so executions compare in MLflow's table and chart views.
     client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in params.items()])

@@ -146,6 +146,20 @@ def test_child_runs_are_named_after_their_stage_and_execution(workspace, repo_co
     assert names == ["train_cnn · brisk-lynx", "train_cnn · calm-otter"]
 
 
+def test_an_execution_and_its_stages_carry_the_servers_login_as_their_user(
+    workspace, repo_config, monkeypatch
+):
+    """On a shared server each person logs in as themselves (MLFLOW_TRACKING_USERNAME): their
+    executions say so, not the account the runner's process happens to run as."""
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "alice")
+    with tracking.stage_run("split", repo_config) as run:
+        pass
+    client = MlflowClient(tracking.tracking_uri())
+    parent = client.get_run(tracking.parent_run_id(run))
+    assert client.get_run(run.info.run_id).data.tags["mlflow.user"] == "alice"
+    assert parent.data.tags["mlflow.user"] == "alice" and parent.info.user_id == "alice"
+
+
 def test_a_failing_stage_marks_its_run_failed(workspace, repo_config):
     with pytest.raises(MissingInputError), tracking.stage_run("download", repo_config) as run:
         raise MissingInputError("boom")
