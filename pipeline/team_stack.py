@@ -12,8 +12,9 @@
 
 Everything lives in one folder (`team-stack/`, git-ignored): the database cluster, the
 buckets, the logs, and the secrets, generated once (`secrets.json`, `.pgpass`, mode 0600).
-`client.env` holds what a teammate or a runner exports. Passwords never go on a command
-line or into a URI: PostgreSQL's comes from the `.pgpass` file libpq reads.
+`client.env` holds what the admin exports; `--add-user NAME` gives a person or a runner
+their own MLflow login (`users/NAME.env`). Passwords never go on a command line or into a
+URI: PostgreSQL's comes from the `.pgpass` file libpq reads.
 """
 
 from __future__ import annotations
@@ -34,7 +35,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline import process
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from pipeline import process, tracking
 from pipeline.errors import PipelineError
 
 DB_USER = "mlflow"
@@ -231,9 +235,7 @@ class TeamStack:
 
     def stop(self) -> None:
         self.stop_mlflow()
-        if self._s3 is not None:
-            stop_group(self._s3)
-            self._s3 = None
+        self.stop_s3()
         self.stop_postgres()
 
     # PostgreSQL ---------------------------------------------------------------------
@@ -348,6 +350,11 @@ class TeamStack:
             lambda: port_in_use(self.host, self.ports.s3), "rclone serve s3", log, self._s3, 30
         )
 
+    def stop_s3(self) -> None:
+        if self._s3 is not None:
+            stop_group(self._s3)
+            self._s3 = None
+
     # MLflow -------------------------------------------------------------------------
     def start_mlflow(self) -> None:
         s = self.secrets
@@ -412,6 +419,54 @@ class TeamStack:
             stop_group(self._mlflow)
             self._mlflow = None
 
+    # Users --------------------------------------------------------------------------
+    def add_user(self, name: str) -> Path:
+        """A person's (or a runner's) own MLflow user, with a generated password, allowed to
+        log to the pipeline's experiment; returns the file they export (`users/<name>.env`,
+        mode 0600): `client.env` with their login instead of the admin's.
+
+        Other users may read it (`default_permission = READ`): a user without this grant is
+        refused (403) when a stage starts. Asks the running server, as the admin.
+        """
+        from mlflow.server import get_app_client
+
+        password = secrets.token_urlsafe(18)
+        with logged_in(ADMIN_USER, self.secrets.admin_password):
+            auth = get_app_client("basic-auth", tracking_uri=self.mlflow_url)
+            try:
+                auth.create_user(name, password)
+                experiment_id = tracking.ensure_experiment(
+                    MlflowClient(self.mlflow_url), tracking.experiment_name(), None
+                )
+                auth.grant_user_permission(name, "experiment", experiment_id, "EDIT")
+            except MlflowException as error:
+                if error.error_code == "RESOURCE_ALREADY_EXISTS":
+                    raise StackError(f"MLflow user {name} exists already") from None
+                problem = tracking.server_problem(error, self.mlflow_url)
+                raise StackError(problem or error.message.splitlines()[0]) from None
+        login = {"MLFLOW_TRACKING_USERNAME": name, "MLFLOW_TRACKING_PASSWORD": password}
+        path = self.folder / "users" / f"{name}.env"
+        path.parent.mkdir(exist_ok=True)
+        write_private(
+            path, "".join(f"export {k}={v}\n" for k, v in {**self.client_env(), **login}.items())
+        )
+        return path
+
+
+@contextmanager
+def logged_in(user: str, password: str) -> Iterator[None]:
+    """MLflow's clients, its basic-auth client too, take their login from the environment."""
+    saved = {name: os.environ.get(name) for name in tracking.CREDENTIALS}
+    os.environ.update(dict(zip(tracking.CREDENTIALS, (user, password), strict=True)))
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
 
 @contextmanager
 def team_stack(
@@ -439,12 +494,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--mlflow-port", type=int, default=Ports.mlflow)
     parser.add_argument("--s3-port", type=int, default=Ports.s3)
     parser.add_argument("--postgres-port", type=int, default=Ports.postgres)
+    parser.add_argument(
+        "--add-user",
+        metavar="NAME",
+        help="on the running stack, create NAME's own MLflow user and write the file they "
+        "export (FOLDER/users/NAME.env), then exit",
+    )
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     ports = Ports(args.mlflow_port, args.s3_port, args.postgres_port)
+    if args.add_user:
+        stack = TeamStack(args.folder, args.host, ports)
+        if not answers_health(stack.mlflow_url):
+            raise StackError(f"no MLflow server at {stack.mlflow_url}: start the stack first")
+        path = stack.add_user(args.add_user)
+        print(f"MLflow user {args.add_user}: give them {path} (never commit it)")
+        return
     stopping = []
     signal.signal(signal.SIGTERM, lambda *_: stopping.append(True))
     with team_stack(args.folder, args.host, ports) as stack:

@@ -24,9 +24,10 @@ import mlflow.data
 import pandas as pd
 import yaml
 from mlflow.data.sources import LocalArtifactDatasetSource
-from mlflow.entities import Param, Run, RunStatus
+from mlflow.entities import Param, Run
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
+from mlflow.tracking.context.registry import resolve_tags
 
 from pipeline import process
 from pipeline.config import PARAMS_FILE, Config, ConfigError, flatten, parse_config
@@ -48,7 +49,6 @@ FAILED_STAGE_TAG = "pipeline.failed_stage"
 HOST_TAG = "pipeline.host"
 PID_TAG = "pipeline.pid"
 ENDED_TAG = "pipeline.ended"
-ABANDONED_TAG = "pipeline.abandoned"
 CREDENTIALS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
 
 
@@ -230,8 +230,12 @@ def find_or_create_parent(
     )
     if found:
         return found[0]
+    # MLflow's context tags, as `mlflow.start_run` gives the stages' runs: the user among
+    # them (the server's login, MLFLOW_TRACKING_USERNAME, where there is one).
     run = client.create_run(
-        experiment_id, run_name=name, tags={**tags, KEY_TAG: key, STAGE_TAG: "pipeline"}
+        experiment_id,
+        run_name=name,
+        tags=resolve_tags({**tags, KEY_TAG: key, STAGE_TAG: "pipeline"}),
     )
     # Every param on the parent too, so executions compare in MLflow's table and chart views.
     client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in params.items()])
@@ -259,45 +263,43 @@ def close_parent(client: MlflowClient, parent: Run, stage: str, failed: bool) ->
     client.set_terminated(run_id, "FAILED" if failed_stage else "FINISHED")
 
 
-def fail_abandoned_runs(client: MlflowClient, experiment_id: str) -> list[str]:
-    """Marks FAILED the runs still RUNNING whose process, on this host, has ended; their ids.
+def fail_abandoned_runs(
+    client: MlflowClient, experiment_id: str, parent_id: str | None = None, stage: str = ""
+) -> list[str]:
+    """Marks FAILED the runs still RUNNING that nothing will close, saying why in
+    `pipeline.ended`; their ids. Such a run is either
 
-    A stage killed outright (SIGKILL, out of memory) never closes its run, which MLflow would
-    show as running for ever. Runs of processes still running (a parallel queue), of other
-    hosts (a shared server) or from before these tags are left as they are.
+    - one whose process, on this host, has ended: a stage killed outright (SIGKILL, out of
+      memory) never closes its run, which MLflow would show as running for ever;
+    - `stage`'s run under `parent_id`, which starts again now: the run of a stage that lost
+      its tracking server before it could close it, from any host.
+
+    Other runs are left as they are: those of processes still running (a parallel queue),
+    of other hosts (a shared server) or from before these tags.
     """
     host = process.this_host()
     abandoned = []
-    for run in client.search_runs(
-        [experiment_id],
-        filter_string=f"attributes.status = 'RUNNING' and tags.`{HOST_TAG}` = '{host}'",
-    ):
-        pid = run.data.tags.get(PID_TAG, "")
-        if pid.isdigit() and process.has_ended(host, int(pid)):
+    for run in client.search_runs([experiment_id], filter_string="attributes.status = 'RUNNING'"):
+        tags = run.data.tags
+        pid = tags.get(PID_TAG, "")
+        run_host = tags.get(HOST_TAG)
+        if (
+            parent_id
+            and tags.get("mlflow.parentRunId") == parent_id
+            and tags.get(STAGE_TAG) == stage
+        ):
+            ended = f"rerun: {stage} of this execution started again before this run was closed"
+        elif run_host == host and pid.isdigit() and process.has_ended(host, int(pid)):
             ended = f"killed: process {pid} on {host} ended without closing this run"
-            client.set_tag(run.info.run_id, ENDED_TAG, ended)
-            client.set_terminated(run.info.run_id, "FAILED")
-            abandoned.append(run.info.run_id)
-            parent_id = run.data.tags.get("mlflow.parentRunId")
-            if parent_id:  # failed until that stage succeeds, as `close_parent` keeps it
-                client.set_tag(parent_id, FAILED_STAGE_TAG, run.data.tags.get(STAGE_TAG, ""))
+        else:
+            continue
+        client.set_tag(run.info.run_id, ENDED_TAG, ended)
+        client.set_terminated(run.info.run_id, "FAILED")
+        abandoned.append(run.info.run_id)
+        if run_parent := tags.get("mlflow.parentRunId"):
+            # Failed until that stage succeeds, as `close_parent` keeps it.
+            client.set_tag(run_parent, FAILED_STAGE_TAG, tags.get(STAGE_TAG, ""))
     return abandoned
-
-
-def close_abandoned(client: MlflowClient, experiment_id: str, parent: Run, stage: str) -> None:
-    """Marks FAILED the runs of `stage` under `parent` still RUNNING: left by a stage that
-    lost its tracking server (or was killed) before it could close its run. A re-run of the
-    same execution comes here before it opens its own."""
-    stale = client.search_runs(
-        [experiment_id],
-        filter_string=(
-            f"tags.mlflow.parentRunId = '{parent.info.run_id}' and tags.`{STAGE_TAG}` = "
-            f"'{stage}' and attributes.status = 'RUNNING'"
-        ),
-    )
-    for run in stale:
-        client.set_tag(run.info.run_id, ABANDONED_TAG, "true")
-        client.set_terminated(run.info.run_id, RunStatus.to_string(RunStatus.FAILED))
 
 
 @contextlib.contextmanager
@@ -336,7 +338,6 @@ def _stage_run(
     with store_lock(tracking_uri()):
         client = MlflowClient()
         experiment_id = ensure_experiment(client, experiment_name(), artifact_location)
-    fail_abandoned_runs(client, experiment_id)
     commit = git_commit()
     dvc_exp_name = os.environ.get("DVC_EXP_NAME")
     key, name = execution_identity(cfg, commit, dvc_exp_name)
@@ -356,7 +357,7 @@ def _stage_run(
     diff = None if before is None else params_diff(all_params, before)
     tags["mlflow.note.content"] = describe_execution(diff, baseline)
     parent = find_or_create_parent(client, experiment_id, key, name, tags, all_params)
-    close_abandoned(client, experiment_id, parent, stage)
+    fail_abandoned_runs(client, experiment_id, parent.info.run_id, stage)
     # Running while one of its stages runs, owned by that stage's process (so a parallel
     # execution does not take it for a killed one's); the end time of a stage before is kept.
     for tag in (HOST_TAG, PID_TAG):

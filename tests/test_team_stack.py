@@ -23,12 +23,14 @@ from pathlib import Path
 
 import pytest
 import yaml
+from mlflow.exceptions import MlflowException
+from mlflow.server import get_app_client
 from mlflow.tracking import MlflowClient
 
 from devtools.fakes import write_kaggle_tree
 from devtools.pipeline_copy import REPO_ROOT, TINY_PARAMS, PipelineCopy, clean_env
-from pipeline.team_stack import Ports, TeamStack, team_stack
-from pipeline.tracking import ABANDONED_TAG, DEFAULT_EXPERIMENT, ENDED_TAG
+from pipeline.team_stack import Ports, TeamStack, logged_in, team_stack
+from pipeline.tracking import DEFAULT_EXPERIMENT, ENDED_TAG, server_problem
 from tests.conftest import zip_tree
 
 pytestmark = pytest.mark.slow
@@ -96,11 +98,19 @@ class Team:
             "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
         }
 
-    def clone(self, name: str, connect: bool = True, pull: bool = True) -> PipelineCopy:
-        """A teammate's clone of the team repository, its DVC remote set as the docs say."""
+    def clone(
+        self,
+        name: str,
+        connect: bool = True,
+        pull: bool = True,
+        login: dict[str, str] | None = None,
+    ) -> PipelineCopy:
+        """A teammate's clone of the team repository, its DVC remote set as the docs say;
+        `login` replaces the admin's MLflow login."""
         root = self.work / name
         subprocess.run(["git", "clone", "-q", str(self.origin), str(root)], check=True)
-        member = PipelineCopy(root=root, env={**clean_env(root), **self.env()}, timeout_s=TIMEOUT_S)
+        env = {**clean_env(root), **self.env(), **(login or {})}
+        member = PipelineCopy(root=root, env=env, timeout_s=TIMEOUT_S)
         if connect:
             connect_remote(member)
         if pull:
@@ -135,6 +145,35 @@ def team(stack: TeamStack, tmp_path_factory: pytest.TempPathFactory) -> Team:
     maintainer.dvc("push")
     maintainer.git("push", "-q", str(origin), "HEAD:main")
     return team
+
+
+@dataclass
+class Teammate:
+    login: dict[str, str]  # MLFLOW_TRACKING_USERNAME and _PASSWORD, from their users/NAME.env
+    clone: PipelineCopy
+    output: str  # what their `dvc exp run` printed
+
+
+TEAMMATE_EXP = ("alice-0.30", 0.30)
+
+
+@pytest.fixture(scope="session")
+def alice(team: Team) -> Teammate:
+    """A teammate with her own MLflow user, made as the docs say (`--add-user alice`), who has
+    run one experiment (evaluate only) and not pushed it yet."""
+    exported = team.stack.add_user("alice")
+    variables = dict(
+        line.removeprefix("export ").split("=", 1) for line in exported.read_text().splitlines()
+    )
+    login = {k: v for k, v in variables.items() if k.startswith("MLFLOW_TRACKING_")}
+    assert login["MLFLOW_TRACKING_USERNAME"] == "alice"
+    assert {k: v for k, v in variables.items() if k not in login} == {
+        k: v for k, v in team.stack.client_env().items() if k not in login
+    }
+    member = team.clone("alice", login=login)
+    name, threshold = TEAMMATE_EXP
+    output = member.dvc("exp", "run", "-n", name, "-S", f"evaluate.threshold={threshold}")
+    return Teammate(login, member, output)
 
 
 def mlflow_client(stack: TeamStack) -> MlflowClient:
@@ -264,6 +303,7 @@ def test_a_runner_plays_the_workflow_and_a_teammate_gets_the_experiment(team: Te
     print(shown)  # the runner's transcript (pytest -rP shows it)
     outputs = dict(transcript)
     report = (team.work / "runner-temp" / "report" / "report.md").read_text()
+    print(f"--- the job summary (report.md)\n{report}")
     assert f"### GPU experiment `{RUNNER_EXP}` vs. `origin/main`" in report
     units = TINY_PARAMS["head"]["units"]
     assert re.search(rf"\| *head\.units *\| *{units} *\| *12 *\|", report), report
@@ -305,7 +345,28 @@ def status_of(url: str, user: str | None = None, password: str | None = None) ->
         return error.code
 
 
-def test_only_the_team_gets_in_and_credentials_leak_nowhere(team: Team) -> None:
+def test_each_teammate_logs_in_as_themselves(team: Team, alice: Teammate) -> None:
+    url, password = team.stack.mlflow_url, alice.login["MLFLOW_TRACKING_PASSWORD"]
+    assert status_of(url, "alice", password) == 200
+    assert status_of(url, "alice", "not-the-password") == 401
+    assert status_of(url, "alice", team.stack.secrets.admin_password) == 401
+    client = mlflow_client(team.stack)
+    (parent,) = executions(client, [TEAMMATE_EXP[0]])[TEAMMATE_EXP[0]]
+    runs = [parent, *children(client, parent)]
+    assert [r.data.tags["pipeline.stage"] for r in runs] == ["pipeline", "evaluate"]
+    assert [(r.info.user_id, r.data.tags["mlflow.user"]) for r in runs] == [("alice", "alice")] * 2
+    assert all(r.info.status == "FINISHED" for r in runs)
+    # A user nobody granted the experiment to may read it, and is refused (403) a run.
+    get_app_client("basic-auth", tracking_uri=url).create_user("bob", "bob-password-1234")
+    with logged_in("bob", "bob-password-1234"):
+        bob = MlflowClient(url)
+        assert bob.get_run(parent.info.run_id).info.run_id == parent.info.run_id
+        with pytest.raises(MlflowException) as refused:
+            bob.create_run(parent.info.experiment_id)
+    assert "(403)" in server_problem(refused.value, url)
+
+
+def test_only_the_team_gets_in_and_credentials_leak_nowhere(team: Team, alice: Teammate) -> None:
     stack, url = team.stack, team.stack.mlflow_url
     assert status_of(url) == 401
     assert status_of(url, "admin", "not-the-password") == 401
@@ -337,6 +398,7 @@ def test_only_the_team_gets_in_and_credentials_leak_nowhere(team: Team) -> None:
         stack.secrets.admin_password,
         stack.secrets.s3_secret_key,
         stack.secrets.db_password,
+        alice.login["MLFLOW_TRACKING_PASSWORD"],
     ]
     looked_at = [*stack.logs.iterdir()]
     for folder in team.work.iterdir():
@@ -354,7 +416,7 @@ def test_only_the_team_gets_in_and_credentials_leak_nowhere(team: Team) -> None:
         for path in looked_at:
             if path.is_file():
                 assert secret not in path.read_text(errors="replace"), path
-        assert secret not in history and secret not in logged
+        assert secret not in history and secret not in logged and secret not in alice.output
 
 
 # -- (c) parallel load ------------------------------------------------------------------------
@@ -450,9 +512,53 @@ def test_a_server_gone_mid_run_fails_the_stage_in_one_line_and_a_rerun_completes
     assert not [r for r in runs if r.info.status == "RUNNING"]  # the lost one is FAILED now
     finished = sorted(r.data.tags["pipeline.stage"] for r in runs if r.info.status == "FINISHED")
     assert {"train_head", "evaluate"} <= set(finished)
-    # The lost run, FAILED by the rerun: on this host its process is known to have ended
-    # (`pipeline.ended`), from another host it is the same stage of the same execution.
-    abandoned = [r for r in runs if {ABANDONED_TAG, ENDED_TAG} & set(r.data.tags)]
+    # The lost run, FAILED by the rerun: the same stage of the same execution ran again, or,
+    # on this host, an earlier stage of the rerun found its process ended.
+    abandoned = [r for r in runs if ENDED_TAG in r.data.tags]
     assert [r.data.tags["pipeline.stage"] for r in abandoned] == [stage_running]
     assert all(r.info.status == "FAILED" for r in abandoned)
+    assert re.match(r"(rerun|killed): ", abandoned[0].data.tags[ENDED_TAG])
     assert client.get_run(parent.info.run_id).info.status == "FINISHED"
+
+
+def test_an_s3_endpoint_down_fails_dvc_push_and_a_rerun_pushes_every_object(
+    team: Team, alice: Teammate
+) -> None:
+    stack, member, name = team.stack, alice.clone, TEAMMATE_EXP[0]
+    assert "new:" in member.dvc("status", "--cloud")  # her experiment's outputs: local only
+    stack.stop_s3()
+    try:
+        push, exp_push = (
+            subprocess.run(
+                command,
+                cwd=member.root,
+                env=member.env,
+                capture_output=True,
+                text=True,
+                timeout=TIMEOUT_S,
+            )
+            for command in (["dvc", "push"], ["dvc", "exp", "push", "origin", name])
+        )
+        local = member.dvc("status")
+    finally:
+        stack.start_s3()
+    print(f"--- dvc push, the S3 endpoint down\n{push.stderr}")
+    print(
+        f"--- dvc exp push origin {name}, the S3 endpoint down\n{exp_push.stdout}{exp_push.stderr}"
+    )
+    unreachable = rf'Could not connect to the endpoint URL: "{re.escape(stack.s3_url)}/dvc/\S+"'
+    assert push.returncode != 0 and exp_push.returncode != 0
+    assert re.search(rf"^ERROR: unexpected error - {unreachable}$", push.stderr, re.M), push.stderr
+    # dvc exp push sends the git ref first: the experiment is listed, its outputs are not there.
+    assert f"Pushed experiment {name}" in exp_push.stdout
+    assert re.search(rf"^ERROR: failed to push cache: {unreachable}$", exp_push.stderr, re.M)
+    for output in (push.stderr, exp_push.stderr):
+        assert "Traceback" not in output and stack.secrets.s3_secret_key not in output
+    # Nothing lost: the outputs are in the workspace and in .dvc/cache as dvc.lock names them.
+    assert "Data and pipelines are up to date." in local
+
+    rerun = member.dvc("exp", "push", "origin", name)
+    print(f"--- dvc exp push origin {name}, the endpoint back\n{rerun}")
+    assert re.search(r"\d+ files? uploaded", rerun), rerun
+    assert "Everything is up to date." in member.dvc("push")
+    assert "Cache and remote 'storage' are in sync." in member.dvc("status", "--cloud")

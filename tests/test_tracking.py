@@ -146,6 +146,20 @@ def test_child_runs_are_named_after_their_stage_and_execution(workspace, repo_co
     assert names == ["train_cnn · brisk-lynx", "train_cnn · calm-otter"]
 
 
+def test_an_execution_and_its_stages_carry_the_servers_login_as_their_user(
+    workspace, repo_config, monkeypatch
+):
+    """On a shared server each person logs in as themselves (MLFLOW_TRACKING_USERNAME): their
+    executions say so, not the account the runner's process happens to run as."""
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "alice")
+    with tracking.stage_run("split", repo_config) as run:
+        pass
+    client = MlflowClient(tracking.tracking_uri())
+    parent = client.get_run(tracking.parent_run_id(run))
+    assert client.get_run(run.info.run_id).data.tags["mlflow.user"] == "alice"
+    assert parent.data.tags["mlflow.user"] == "alice" and parent.info.user_id == "alice"
+
+
 def test_a_failing_stage_marks_its_run_failed(workspace, repo_config):
     with pytest.raises(MissingInputError), tracking.stage_run("download", repo_config) as run:
         raise MissingInputError("boom")
@@ -191,6 +205,14 @@ def test_runs_a_killed_process_left_running_are_failed_by_the_next_execution(
         client.get_run(dead_id).info.experiment_id,
         tags={tracking.HOST_TAG: process.this_host(), tracking.PID_TAG: str(os.getppid())},
     )
+    # Another host's run (a shared server), even with the pid that ended here, stays open.
+    elsewhere = client.create_run(
+        client.get_run(dead_id).info.experiment_id,
+        tags={
+            tracking.HOST_TAG: "another-host",
+            tracking.PID_TAG: client.get_run(dead_id).data.tags[tracking.PID_TAG],
+        },
+    )
 
     with tracking.stage_run("split", repo_config) as run:
         pass
@@ -200,6 +222,7 @@ def test_runs_a_killed_process_left_running_are_failed_by_the_next_execution(
     assert dead.data.tags[tracking.ENDED_TAG].startswith("killed: process ")
     assert client.get_run(parent_id).info.status == "FAILED"
     assert client.get_run(live.info.run_id).info.status == "RUNNING"
+    assert client.get_run(elsewhere.info.run_id).info.status == "RUNNING"
     assert client.get_run(run.info.run_id).info.status == "FINISHED"
 
 
@@ -274,13 +297,20 @@ def test_a_run_left_running_is_marked_failed_when_its_stage_runs_again(workspace
         pass
     client = MlflowClient(tracking.tracking_uri())
     # What a stage that lost its server mid-run leaves: a child run never closed.
+    # Its process (this one) is alive: only running the same stage again tells it is lost.
     client.update_run(lost.info.run_id, status="RUNNING")
+    with tracking.stage_run("evaluate", repo_config):
+        pass
+    assert client.get_run(lost.info.run_id).info.status == "RUNNING"
     with tracking.stage_run("train_head", repo_config) as rerun:
         pass
     stale = client.get_run(lost.info.run_id)
     assert stale.info.status == "FAILED"
-    assert stale.data.tags[tracking.ABANDONED_TAG] == "true"
+    assert stale.data.tags[tracking.ENDED_TAG] == (
+        "rerun: train_head of this execution started again before this run was closed"
+    )
     assert client.get_run(rerun.info.run_id).info.status == "FINISHED"
+    assert client.get_run(tracking.parent_run_id(rerun)).info.status == "FINISHED"
 
 
 def test_an_unreachable_server_ends_the_stage_with_one_line_naming_it(
