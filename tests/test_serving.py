@@ -24,8 +24,8 @@ from devtools.fakes import jpeg_bytes, photo
 from pipeline.cnn import build_cnn
 from pipeline.precision import for_inference
 from pipeline.serving import load_keras_model, log_photo_model
+from pipeline.team_stack import free_port
 from tests.conftest import tiny_config
-from tests.mlflow_server import free_port
 
 
 @pytest.fixture(scope="module")
