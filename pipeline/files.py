@@ -2,7 +2,10 @@
 
 A stage writes each output next to its final place and moves it there only when it is
 complete, so a crash or a bad input never leaves a half-written output a later stage
-could read, and the previous good output stays until the new one is ready.
+could read. Run by hand (`python -m pipeline.<stage>`), the previous good output stays
+until the new one is ready; under `dvc repro` DVC has removed it before the stage started
+(it run-caches only stages whose outputs it may remove), and `dvc checkout <stage>` puts
+back the last committed one from its cache.
 """
 
 from __future__ import annotations

@@ -100,3 +100,66 @@ def test_a_stage_that_reads_named_splits_depends_on_those_folders_only() -> None
         else:
             assert not folders, f"{name} depends on {sorted(folders)} but names no split"
     assert narrowed == 5  # augment, train_cnn, finetune, evaluate, explain
+
+
+def resolved(path: str, params: dict) -> str:
+    """`path` with its `${paths.*}` references replaced by params.yaml's values, as DVC does."""
+
+    def value(match: re.Match) -> str:
+        found = params
+        for key in match[1].split("."):
+            found = found[key]
+        return str(found)
+
+    return re.sub(r"\$\{([\w.]+)\}", value, path)
+
+
+def declared_outputs(stage: dict) -> list[tuple[str, dict]]:
+    return [
+        next(iter(out.items())) if isinstance(out, dict) else (out, {})
+        for out in stage.get("outs", [])
+    ]
+
+
+def test_every_stage_can_be_run_cached_no_output_persists_or_skips_the_cache() -> None:
+    """DVC run-caches a stage only when no output is `persist` and every output but metrics
+    and plots is cached: otherwise going back to params already run trains again."""
+    stages = yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text())["stages"]
+    for name, stage in stages.items():
+        outs = declared_outputs(stage)
+        assert outs, f"{name} declares no output"
+        for path, options in outs:
+            assert not options.get("persist"), f"{name}: {path} is persist"
+            assert options.get("cache", True), f"{name}: {path} is cache: false"
+        assert not {"metrics", "plots"} & set(stage), f"{name}: its own metrics or plots"
+
+
+def test_each_stage_names_its_report_folder_once_as_one_output() -> None:
+    """A stage's reports are one folder output, `${paths.reports.<stage>}`; the files in it are
+    named only by the code that writes them and by the top-level metrics and plots that read
+    them, each of which lies in a stage's declared report folder."""
+    dvc_yaml = yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text())
+    params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+    stages = dvc_yaml["stages"]
+    folders = {}
+    for name, stage in stages.items():
+        reports = [path for path, _ in declared_outputs(stage) if "paths.reports" in path]
+        if name in params["paths"]["reports"]:
+            assert reports == [f"${{paths.reports.{name}}}"], f"{name} declares {reports}"
+            folders[name] = resolved(reports[0], params)
+        else:
+            assert not reports, f"{name} writes into another stage's report folder: {reports}"
+    assert set(folders) == set(params["paths"]["reports"])
+
+    read = list(dvc_yaml["metrics"])
+    for plot in dvc_yaml["plots"]:
+        if isinstance(plot, str):
+            read.append(plot)
+        else:
+            (spec,) = plot.values()
+            read.extend(spec["y"])
+    assert len(read) >= 10
+    for path in read:
+        file = resolved(path, params)
+        owners = [name for name, folder in folders.items() if file.startswith(f"{folder}/")]
+        assert len(owners) == 1, f"{file} is in no stage's report folder"

@@ -5,9 +5,11 @@ from __future__ import annotations
 import csv
 import json
 import re
+import time
 
 import keras
 import pytest
+import yaml
 from mlflow.tracking import MlflowClient
 
 from devtools.pipeline_copy import PipelineCopy
@@ -96,6 +98,32 @@ def test_repro_runs_every_stage_and_logs_each_to_mlflow(tiny_pipeline: PipelineC
         assert run.data.tags["git.commit"] == parent.data.tags["git.commit"]
 
 
+def test_every_file_the_stages_write_is_a_declared_output_and_dvc_reads_every_metric(
+    tiny_pipeline: PipelineCopy,
+) -> None:
+    """dvc.yaml's outputs and the code's paths agree: nothing a stage writes is left out of
+    DVC's cache (and so out of the run-cache), and every metrics file DVC names exists."""
+    root = tiny_pipeline.root
+    lock = yaml.safe_load((root / "dvc.lock").read_text())["stages"]
+    outs = [out["path"] for stage in lock.values() for out in stage.get("outs", [])]
+    written = [
+        path.relative_to(root).as_posix()
+        for folder in ("data", "models", "reports")
+        for path in (root / folder).rglob("*")
+        if path.is_file() and path.name != ".gitkeep"
+    ]
+    assert len(written) > 50
+    undeclared = [f for f in written if not any(f == o or f.startswith(f"{o}/") for o in outs)]
+    assert undeclared == []
+
+    shown = json.loads(tiny_pipeline.dvc("metrics", "show", "--json"))[""]
+    assert "error" not in shown
+    files = {path: found.get("data") for path, found in shown["data"].items()}
+    stages = ("evaluate", "finetune", "train_cnn", "train_head")
+    assert sorted(files) == [f"reports/{stage}/metrics.json" for stage in stages]
+    assert all(files.values()), files
+
+
 def test_changing_a_head_param_reruns_only_what_depends_on_the_head(
     tiny_pipeline: PipelineCopy,
 ) -> None:
@@ -136,9 +164,12 @@ def test_changing_the_augmentation_retrains_the_cnn_but_extracts_no_features_aga
     assert {path: path.read_bytes() for path in kept} == before
 
 
-def test_a_failed_stage_leaves_the_previous_outputs_in_place(tiny_pipeline: PipelineCopy) -> None:
+def test_a_failed_stage_loses_nothing_that_dvc_checkout_of_the_stage_does_not_restore(
+    tiny_pipeline: PipelineCopy,
+) -> None:
     root = tiny_pipeline.root
     kept = [root / "data/features/train.npz", root / "models/backbone.keras"]
+    kept += [root / "reports/extract_features/summary.json"]
     before = {path: path.read_bytes() for path in kept}
 
     tiny_pipeline.set_param("features", "weights", str(root / "missing.weights.h5"))
@@ -146,7 +177,12 @@ def test_a_failed_stage_leaves_the_previous_outputs_in_place(tiny_pipeline: Pipe
     tiny_pipeline.set_param("features", "weights", "none")
 
     assert "ERROR" in output and "missing.weights.h5, which does not exist" in output
+    # DVC deletes a stage's outputs before running it (the run-cache needs them unpersisted)...
+    assert not any(path.exists() for path in kept)
+    # ...and the one command README's Guarantees give puts dvc.lock's back from the cache.
+    tiny_pipeline.dvc("checkout", "extract_features")
     assert {path: path.read_bytes() for path in kept} == before
+    assert "up to date" in tiny_pipeline.dvc("status")
     client, experiment = tiny_pipeline.mlflow()
     failed = client.search_runs(
         [experiment.experiment_id], filter_string="attributes.status = 'FAILED'"
@@ -155,3 +191,34 @@ def test_a_failed_stage_leaves_the_previous_outputs_in_place(tiny_pipeline: Pipe
     assert sorted(by_stage) == ["extract_features", "pipeline"]
     assert "does not exist" in by_stage["extract_features"].data.tags["error"]
     assert by_stage["pipeline"].data.tags["pipeline.failed_stage"] == "extract_features"
+
+
+def test_going_back_to_a_head_learning_rate_already_run_restores_it_from_the_run_cache(
+    tiny_pipeline: PipelineCopy,
+) -> None:
+    root = tiny_pipeline.root
+    client, experiment = tiny_pipeline.mlflow()
+    trained = ["train_head", "finetune", "evaluate"]
+    runs, seconds, outputs, heads, scores = [], [], [], [], []
+    for rate in (0.0003, 0.003, 0.0003):  # A, B, A again: values no other test runs
+        known = {r.info.run_id for r in client.search_runs([experiment.experiment_id])}
+        start = time.monotonic()
+        outputs.append(tiny_pipeline.dvc("exp", "run", "-S", f"head.learning_rate={rate}"))
+        seconds.append(time.monotonic() - start)
+        found = client.search_runs([experiment.experiment_id])
+        runs.append([r for r in found if r.info.run_id not in known])
+        heads.append((root / "models/head.keras").read_bytes())
+        scores.append((root / "reports/evaluate/metrics.json").read_text())
+    print(
+        "run-cache, dvc exp run -S head.learning_rate=: "
+        f"A {seconds[0]:.1f} s, B {seconds[1]:.1f} s, A again {seconds[2]:.1f} s"
+    )
+
+    assert stages_run(outputs[0]) == stages_run(outputs[1]) == trained
+    assert sorted(r.data.tags["pipeline.stage"] for r in runs[1]) == sorted([*trained, "pipeline"])
+    assert stages_run(outputs[2]) == [], outputs[2]
+    for stage in trained:
+        assert f"Stage '{stage}' is cached - skipping run, checking out outputs" in outputs[2]
+    assert runs[2] == []  # no MLflow run: nothing trained, nothing evaluated
+    assert heads[2] == heads[0] != heads[1]
+    assert scores[2] == scores[0]

@@ -140,7 +140,7 @@ def team(stack: TeamStack, tmp_path_factory: pytest.TempPathFactory) -> Team:
     maintainer.env.update(team.env())
     connect_remote(maintainer)
     maintainer.dvc("repro")
-    maintainer.git("add", "dvc.lock", "reports")  # the metrics and reports DVC keeps in git
+    maintainer.git("add", "dvc.lock")  # the reports are outputs: pushed with the rest
     maintainer.git("commit", "-qm", "baseline")
     maintainer.dvc("push")
     maintainer.git("push", "-q", str(origin), "HEAD:main")
