@@ -4,7 +4,8 @@
 execution's parent with the params `dvc.yaml` declares for the stage, and plans the devices
 when the stage computes on them. A `PipelineError` raised inside ends the run
 FAILED with the error's line as its `error` tag and goes on to `process.run`, which prints
-that line and exits 1; the stage's atomic writes have already kept its previous outputs.
+that line and exits 1; its atomic writes leave no half-written output, and under DVC
+`dvc checkout <stage>` restores the last committed ones (DVC removed them before it ran).
 A stage's `main()` is then its inputs, its core and its outputs:
 
     def main() -> None:
