@@ -105,14 +105,16 @@ def preview(images: list[LabeledImage], cfg: AugmentConfig, seed: int) -> np.nda
     return np.stack(columns, axis=1)
 
 
+def training_images(split: Path) -> list[LabeledImage]:
+    if not (train := list_split(split / "train")):
+        raise MissingInputError(f"no training images under {split / 'train'}; run the split stage")
+    return train
+
+
 def main() -> None:
     with stage.context("augment") as ctx:
-        cfg, reports = ctx.cfg, ctx.cfg.paths.reports.augment
-        train = list_split(cfg.paths.split / "train")
-        if not train:
-            raise MissingInputError(
-                f"no training images under {cfg.paths.split / 'train'}; run the split stage"
-            )
+        cfg, reports = ctx.cfg, ctx.reports
+        train = training_images(cfg.paths.split)
         keras.utils.set_random_seed(cfg.common.seed)
         # The variants and their reports replace the previous ones together, or none does.
         with (
@@ -121,7 +123,6 @@ def main() -> None:
         ):
             summary = write_outputs(train, cfg.augment, cfg.common.seed, staging, *staged_reports)
         mlflow.log_metrics({f"data/{name}": count for name, count in summary.items()})
-        mlflow.log_artifacts(str(reports), artifact_path="reports")
     print(
         f"augment: {summary['variants_written']} variants of {len(train)} training images "
         f"({cfg.augment.variants} each) into {cfg.paths.augmented}; "

@@ -77,6 +77,15 @@ def detect_layout(root: Path) -> RawSummary:
     )
 
 
+def raw_metrics(summary: RawSummary, skipped: int) -> dict[str, int]:
+    return {
+        "data/raw_images": summary.images,
+        "data/raw_unlabeled": summary.unlabeled,
+        "data/raw_skipped": skipped,
+        **{f"data/raw_{name}": count for name, count in summary.per_class.items()},
+    }
+
+
 def sha256_of(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as handle:
@@ -310,7 +319,6 @@ def acquire(cfg: DownloadConfig, raw: Path) -> Path:
 def main() -> None:
     with stage.context("download") as ctx:
         cfg, raw = ctx.cfg.download, ctx.cfg.paths.raw
-        report = ctx.cfg.paths.reports.download / "summary.json"
         source = acquire(cfg, raw)
         with atomic_dir(raw) as staging:
             skipped = populate_raw(source, staging)
@@ -318,18 +326,9 @@ def main() -> None:
                 print(f"download: skipped {path}: {reason}", file=sys.stderr)
             summary = detect_layout(staging)
         pin = kaggle_train_pin(source) if cfg.source == "kaggle" else {}
-        write_json(
-            report, {"source": cfg.source, **summary.as_dict(), "skipped": len(skipped), **pin}
-        )
-        mlflow.log_metrics(
-            {
-                "data/raw_images": summary.images,
-                "data/raw_unlabeled": summary.unlabeled,
-                "data/raw_skipped": len(skipped),
-                **{f"data/raw_{name}": count for name, count in summary.per_class.items()},
-            }
-        )
-        mlflow.log_artifact(str(report))
+        report = {"source": cfg.source, **summary.as_dict(), "skipped": len(skipped), **pin}
+        write_json(ctx.reports / "summary.json", report)
+        mlflow.log_metrics(raw_metrics(summary, len(skipped)))
     print(
         f"download: {summary.images} labelled images ({summary.per_class}) in {summary.layout} "
         f"layout from {cfg.source} into {raw}"

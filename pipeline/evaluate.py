@@ -28,7 +28,7 @@ from pipeline.config import EvaluateConfig, PathsConfig
 from pipeline.datasets import image_dataset, predict_dog_probability
 from pipeline.errors import MissingInputError
 from pipeline.features import features_file, load_features
-from pipeline.files import MLFLOW_IDS_FILE, atomic_files, write_json
+from pipeline.files import MLFLOW_IDS_FILE, atomic_dir, write_json
 from pipeline.images import CLASS_NAMES, LabeledImage, list_split
 
 METRIC_NAMES = (
@@ -204,15 +204,11 @@ def main() -> None:
             "mlflow_run_id": run.info.run_id,
             "mlflow_parent_run_id": tracking.parent_run_id(run),
         }
-        results, written = write_reports(
-            predictions, ctx.cfg.evaluate.threshold, paths.reports.evaluate, ids
-        )
+        results = write_reports(predictions, ctx.cfg.evaluate.threshold, ctx.reports, ids)
         mlflow.log_metrics(named_by_model(results))
         tracking.log_to_parent(run, named_by_model(results))
         for warning in attach_test_metrics(results, training_model_ids(paths), test_set):
             print(warning, file=sys.stderr)
-        for path in written:  # not the whole folder: no fine-tuned reports of an earlier run
-            mlflow.log_artifact(str(path), artifact_path="reports")
     print("evaluate: test split results\n" + comparison_table(results))
 
 
@@ -260,18 +256,18 @@ def write_reports(
     threshold: float,
     reports: Path,
     ids: dict[str, str | None] | None = None,
-) -> tuple[dict[str, dict[str, float]], list[Path]]:
+) -> dict[str, dict[str, float]]:
     """Metrics, per-image predictions, curves and figures of every model, metrics.json and
-    `ids` in mlflow.json; returns the metrics and the files written.
+    `ids` in mlflow.json, as the folder `reports`; returns the metrics.
 
-    The files replace the previous ones together once all are written (`atomic_files`): a
-    failure part-way leaves the last run's reports whole, never a mix of two runs.
+    The folder replaces the previous one once all is written (`atomic_dir`): a failure
+    part-way leaves the last run's reports whole, never a mix of two runs, and a run
+    without fine-tuning keeps no fine-tuned reports of an earlier one.
     """
-    targets = report_paths(predictions, reports)
     results: dict[str, dict[str, float]] = {}
     scores = {name: (labels, probs) for name, (_, labels, probs) in predictions.items()}
-    with atomic_files(*targets.values()) as staged:
-        out = dict(zip(targets, staged, strict=True))
+    with atomic_dir(reports) as staging:
+        out = report_paths(predictions, staging)
         for name, (files, labels, probs) in predictions.items():
             results[name] = classification_metrics(labels, probs, threshold)
             write_predictions(out[f"predictions_{name}.csv"], files, labels, probs, threshold)
@@ -288,7 +284,7 @@ def write_reports(
         out["comparison.md"].write_text(comparison_table(results))
         write_json(out[MLFLOW_IDS_FILE], ids or {})
         write_json(out["metrics.json"], named_by_model(results))
-    return results, list(targets.values())
+    return results
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import keras
-import mlflow
 import numpy as np
 import tensorflow as tf
 from matplotlib.figure import Figure
@@ -172,7 +171,6 @@ def main() -> None:
         model = keras.models.load_model(paths.models.cnn)
         with atomic_dir(paths.reports.explain) as staging:
             write_figures(model, examples, staging)
-        mlflow.log_artifacts(str(paths.reports.explain), artifact_path="explain")
     print(
         f"explain: filters, feature maps and Grad-CAM of {len(examples)} test images "
         f"in {paths.reports.explain}"

@@ -26,28 +26,28 @@ from pipeline.precision import for_inference
 def main() -> None:
     with stage.context("extract_features", batch_size=lambda cfg: cfg.features.batch_size) as ctx:
         params, paths = ctx.cfg.features, ctx.cfg.paths
-        plan, strategy = ctx.plan, ctx.strategy
-        images = {split: list_split(paths.split / split) for split in SPLITS}
-        if not all(images.values()):
-            raise MissingInputError("a split is empty; run the split stage first")
+        images = images_by_split(paths)
+        for split, listed in images.items():
+            tracking.log_image_inputs(listed, split, "extraction")
         keras.utils.set_random_seed(ctx.cfg.common.seed)  # random weights under `weights: none`
-        with strategy.scope():
+        with ctx.strategy.scope():
             backbone = build_backbone(params)
-        for split, split_images in images.items():
-            tracking.log_image_inputs(split_images, split, "extraction")
-        counts = write_features(backbone, images, params, plan, paths)
-        dim = feature_dim(backbone)
-        write_json(
-            paths.reports.extract_features / "summary.json",
-            {"images": counts, "feature_dim": dim, "dtype": params.dtype},
-        )
+        counts = write_features(backbone, images, params, ctx.plan, paths)
+        summary = {"images": counts, "feature_dim": feature_dim(backbone), "dtype": params.dtype}
+        write_json(ctx.reports / "summary.json", summary)
         mlflow.log_metrics({f"data/{split}_images": n for split, n in counts.items()})
-        mlflow.log_metric("data/feature_dim", dim)
-        mlflow.log_artifacts(str(paths.reports.extract_features), artifact_path="reports")
+        mlflow.log_metric("data/feature_dim", summary["feature_dim"])
     print(
-        f"extract_features: {dim}-dim {params.backbone} features of "
+        f"extract_features: {summary['feature_dim']}-dim {params.backbone} features of "
         f"{sum(counts.values())} images into {paths.features}"
     )
+
+
+def images_by_split(paths: PathsConfig) -> dict[str, list[LabeledImage]]:
+    images = {split: list_split(paths.split / split) for split in SPLITS}
+    if not all(images.values()):
+        raise MissingInputError("a split is empty; run the split stage first")
+    return images
 
 
 def write_features(

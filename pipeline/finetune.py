@@ -39,34 +39,28 @@ def finetune(ctx: stage.Stage) -> None:
     # TensorFlow, whose import alone is most of a disabled stage's time (bench.incremental).
     import mlflow
 
-    from pipeline import tracking
     from pipeline.precision import for_inference
-    from pipeline.training import fit, log_and_record_model, save_training_outputs
+    from pipeline.training import fit, log_training_data, save_and_log
 
-    params, paths, reports = ctx.cfg.finetune, ctx.cfg.paths, ctx.cfg.paths.reports.finetune
-    plan, strategy = ctx.plan, ctx.strategy
-    train, validation = finetune_images(paths, params.use_augmented)
-    plan.check_enough(training=len(train), validation=len(validation))
-    model, unfrozen, datasets = prepare(ctx.cfg, plan, strategy, train, validation)
+    paths = ctx.cfg.paths
+    train, validation = finetune_images(paths, ctx.cfg.finetune.use_augmented, ctx.plan)
+    model, unfrozen, datasets = prepare(ctx.cfg, ctx.plan, ctx.strategy, train, validation)
     mlflow.log_param("finetune.unfrozen", ",".join(unfrozen))
-    tracking.log_image_inputs(train, "train", "training")
-    tracking.log_image_inputs(validation, "validation", "validation")
+    log_training_data(train, validation)
     with datasets as (train_data, validation_data):
-        history = fit(model, train_data, validation_data, params)
-    trained = for_inference(model)
-    summary = save_training_outputs(
-        {paths.models.finetuned: trained}, history, reports, "fine-tuned backbone + head"
-    )
-    mlflow.log_artifacts(str(reports), artifact_path="reports")
-    log_and_record_model(trained, paths.models.finetuned, "finetuned", reports, summary)
+        history = fit(model, train_data, validation_data, ctx.cfg.finetune)
+    models = {paths.models.finetuned: for_inference(model)}
+    title = "fine-tuned backbone + head"
+    summary = save_and_log(models, paths.models.finetuned, "finetuned", history, ctx.reports, title)
     print(
         f"finetune: {summary['epochs_run']} epochs with {', '.join(unfrozen)} unfrozen, best "
         f"validation accuracy {summary['val/accuracy']:.3f}; saved {paths.models.finetuned}"
     )
 
 
-def finetune_images(paths: PathsConfig, use_augmented: bool) -> tuple[list, list]:
-    """The training images (with their variants, if asked) and the validation images."""
+def finetune_images(paths: PathsConfig, use_augmented: bool, plan) -> tuple[list, list]:
+    """The training images (with their variants, if asked) and the validation images,
+    enough of each for `plan`'s devices."""
     from pipeline.images import list_split
 
     train = list_split(paths.split / "train")
@@ -77,6 +71,7 @@ def finetune_images(paths: PathsConfig, use_augmented: bool) -> tuple[list, list
         raise MissingInputError(
             "needs the splits and a trained head; run the pipeline up to train_head"
         )
+    plan.check_enough(training=len(train), validation=len(validation))
     return train, validation
 
 

@@ -22,7 +22,7 @@ from sklearn.model_selection import train_test_split
 from tqdm import tqdm
 
 from pipeline import process, stage
-from pipeline.config import SplitConfig
+from pipeline.config import PathsConfig, SplitConfig
 from pipeline.errors import BadInputError
 from pipeline.files import atomic_dir, atomic_file, atomic_files, write_json
 from pipeline.images import (
@@ -175,29 +175,39 @@ def write_skipped(path: Path, verdicts: list[Verdict], root: Path) -> None:
 
 def main() -> None:
     with stage.context("split") as ctx:
-        cfg, reports = ctx.cfg, ctx.cfg.paths.reports.split
+        cfg, reports = ctx.cfg, ctx.reports
         labeled, unlabeled = find_labeled_images(cfg.paths.raw)
         verdicts = check_images(labeled)
         splits, skipped, reencode = split_usable(
             verdicts, cfg.split, cfg.common.seed, cfg.paths.raw
         )
         summary = {**summarize(splits, len(skipped), len(reencode)), "unlabeled": len(unlabeled)}
-        # The split and its reports replace the previous ones together, or none of them does.
-        with (
-            atomic_dir(cfg.paths.split) as staging,
-            atomic_files(reports / "summary.json", reports / "skipped.csv") as staged_reports,
-        ):
-            write_split(splits, reencode, staging)
-            summary_staging, skipped_staging = staged_reports
-            write_json(summary_staging, summary)
-            write_skipped(skipped_staging, skipped, cfg.paths.raw)
+        write_outputs(splits, reencode, skipped, summary, cfg.paths, reports)
         mlflow.log_metrics(split_metrics(splits, summary["total"], len(skipped), len(reencode)))
-        mlflow.log_artifacts(str(reports), artifact_path="reports")
     sizes = ", ".join(f"{split} {len(images)}" for split, images in splits.items())
     print(
         f"split: {sizes} images into {cfg.paths.split}; {len(skipped)} skipped "
         f"(see {reports / 'skipped.csv'}), {len(reencode)} re-encoded"
     )
+
+
+def write_outputs(
+    splits: dict[str, list[LabeledImage]],
+    reencode: set[Path],
+    skipped: list[Verdict],
+    summary: dict[str, int],
+    paths: PathsConfig,
+    reports: Path,
+) -> None:
+    """The split and its reports: they replace the previous ones together, or none does."""
+    with (
+        atomic_dir(paths.split) as staging,
+        atomic_files(reports / "summary.json", reports / "skipped.csv") as staged_reports,
+    ):
+        write_split(splits, reencode, staging)
+        summary_staging, skipped_staging = staged_reports
+        write_json(summary_staging, summary)
+        write_skipped(skipped_staging, skipped, paths.raw)
 
 
 def split_usable(

@@ -2,7 +2,8 @@
 
 `context(name)` loads and validates `params.yaml`, opens the stage's MLflow run under the
 execution's parent with the params `dvc.yaml` declares for the stage, and plans the devices
-when the stage computes on them. A `PipelineError` raised inside ends the run
+when the stage computes on them; once `main()` has written them, it logs the stage's report
+folder to the run (`reports/` among its artifacts). A `PipelineError` raised inside ends the run
 FAILED with the error's line as its `error` tag and goes on to `process.run`, which prints
 that line and exits 1; its atomic writes leave no half-written output, and under DVC
 `dvc checkout <stage>` restores the last committed ones (DVC removed them before it ran).
@@ -13,6 +14,7 @@ A stage's `main()` is then its inputs, its core and its outputs:
             images = list_split(ctx.cfg.paths.split / "train")  # inputs
             ...                                                 # core
             mlflow.log_metrics(...)                             # outputs
+        print(...)                                              # after the run has ended
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ if TYPE_CHECKING:
 
 DVC_FILE = Path("dvc.yaml")
 ERROR_TAG = "error"
+REPORTS_ARTIFACTS = "reports"  # where each run keeps its stage's report folder
 # MLflow refuses longer tag values on some stores.
 TAG_LIMIT = 5000
 
@@ -47,6 +50,12 @@ class Stage:
     run: Run | None = None  # None for a stage that is off and logs nothing
     plan: ComputePlan | None = None  # for a stage that computes on devices
     strategy: tf.distribute.Strategy | None = None  # build and compile models in its scope
+
+    @property
+    def reports(self) -> Path | None:
+        """The stage's report folder (`paths.reports.<name>`), one DVC output, which the
+        context logs whole to the stage's run once `main()` has written it."""
+        return getattr(self.cfg.paths.reports, self.name, None)
 
 
 def declared_params(stage: str, cfg: Config, dvc_file: Path = DVC_FILE) -> dict[str, Any]:
@@ -113,10 +122,14 @@ def context(
 
     with tracking.stage_run(name, cfg, params, system_metrics=plan is not None) as run:
         try:
-            yield Stage(name, cfg, run, plan, strategy)
+            yield (done := Stage(name, cfg, run, plan, strategy))
         except PipelineError as error:
             tag_failure(str(error))
             raise
+        if done.reports is not None and done.reports.is_dir():
+            import mlflow
+
+            mlflow.log_artifacts(str(done.reports), artifact_path=REPORTS_ARTIFACTS)
 
 
 def tag_failure(message: str) -> None:

@@ -10,9 +10,8 @@ from __future__ import annotations
 import math
 
 import keras
-import mlflow
 
-from pipeline import process, stage, tracking
+from pipeline import process, stage
 from pipeline.cnn import build_cnn
 from pipeline.config import Config, PathsConfig
 from pipeline.datasets import training_datasets
@@ -20,47 +19,37 @@ from pipeline.devices import ComputePlan
 from pipeline.errors import MissingInputError
 from pipeline.images import LabeledImage, list_split
 from pipeline.precision import for_inference
-from pipeline.training import PreciseBatchNorm, fit, log_and_record_model, save_training_outputs
+from pipeline.training import PreciseBatchNorm, fit, log_training_data, save_and_log
 
 
 def main() -> None:
     with stage.context("train_cnn", batch_size=lambda cfg: cfg.train_cnn.batch_size) as ctx:
-        paths, reports = ctx.cfg.paths, ctx.cfg.paths.reports.train_cnn
-        plan, strategy = ctx.plan, ctx.strategy
-        train, validation = training_images(paths, ctx.cfg.train_cnn.use_augmented)
-        plan.check_enough(training=len(train), validation=len(validation))
-        tracking.log_image_inputs(train, "train", "training")
-        tracking.log_image_inputs(validation, "validation", "validation")
-        trained, history, recomputed = train_cnn(ctx.cfg, plan, strategy, train, validation)
+        paths = ctx.cfg.paths
+        train, validation = training_images(paths, ctx.cfg.train_cnn.use_augmented, ctx.plan)
+        log_training_data(train, validation)
+        trained, history, recomputed = train_cnn(ctx.cfg, ctx.plan, ctx.strategy, train, validation)
         models = {paths.models.cnn: trained}
-        summary = save_training_outputs(models, history, reports, "scratch CNN")
-        mlflow.log_metrics(
-            {"data/train_images": len(train), "data/validation_images": len(validation)}
-        )
-        mlflow.log_artifacts(str(reports), artifact_path="reports")
-        log_and_record_model(trained, paths.models.cnn, "cnn", reports, summary)
-    statistics = (
-        f", batch norm's statistics recomputed on {recomputed} images each epoch"
-        if recomputed
-        else ""
-    )
+        summary = save_and_log(models, paths.models.cnn, "cnn", history, ctx.reports, "scratch CNN")
+    statistics = f", batch norm's statistics recomputed on {recomputed} images each epoch"
     print(
         f"train_cnn: {summary['epochs_run']} epochs on {len(train)} images, best epoch "
-        f"{summary['best_epoch']}{statistics}: validation accuracy {summary['val/accuracy']:.3f}; "
-        f"saved {paths.models.cnn}"
+        f"{summary['best_epoch']}{statistics if recomputed else ''}: validation accuracy "
+        f"{summary['val/accuracy']:.3f}; saved {paths.models.cnn}"
     )
 
 
 def training_images(
-    paths: PathsConfig, use_augmented: bool
+    paths: PathsConfig, use_augmented: bool, plan: ComputePlan
 ) -> tuple[list[LabeledImage], list[LabeledImage]]:
-    """The training images (with their variants, if asked) and the validation images."""
+    """The training images (with their variants, if asked) and the validation images,
+    enough of each for `plan`'s devices."""
     train = list_split(paths.split / "train")
     if use_augmented:
         train += list_split(paths.augmented / "train")
     validation = list_split(paths.split / "validation")
     if not train or not validation:
         raise MissingInputError("no training or validation images; run the split stage first")
+    plan.check_enough(training=len(train), validation=len(validation))
     return train, validation
 
 

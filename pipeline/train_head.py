@@ -11,19 +11,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import keras
-import mlflow
 import numpy as np
 import tensorflow as tf
 
-from pipeline import process, stage, tracking
-from pipeline.config import PathsConfig
+from pipeline import process, stage
+from pipeline.config import HeadConfig, PathsConfig
 from pipeline.datasets import splittable_over_replicas
 from pipeline.devices import ComputePlan
 from pipeline.errors import MissingInputError
 from pipeline.features import features_file, load_features
 from pipeline.images import LabeledImage
 from pipeline.precision import for_inference
-from pipeline.training import fit, log_and_record_model, save_training_outputs
+from pipeline.training import fit, log_training_data, save_and_log
 from pipeline.transfer import build_head, compose_transfer
 
 
@@ -80,29 +79,30 @@ def main() -> None:
     with stage.context(
         "train_head", batch_size=lambda cfg: cfg.head.batch_size, cpu_bfloat16_pays=False
     ) as ctx:
-        params, paths, reports = ctx.cfg.head, ctx.cfg.paths, ctx.cfg.paths.reports.train_head
-        plan, strategy = ctx.plan, ctx.strategy
-        keras.utils.set_random_seed(ctx.cfg.common.seed)
-        inputs = head_inputs(paths, plan, params.batch_size, ctx.cfg.common.seed)
+        paths = ctx.cfg.paths
+        inputs = head_inputs(paths, ctx.plan, ctx.cfg.head.batch_size, ctx.cfg.common.seed)
         backbone = load_backbone(paths.models.backbone)
-        tracking.log_image_inputs(inputs.train_images, "features/train", "training")
-        tracking.log_image_inputs(inputs.validation_images, "features/validation", "validation")
-        with strategy.scope():
-            head = build_head(inputs.feature_length, params, plan.steps_per_execution)
-        history = fit(head, inputs.train, inputs.validation, params)
-        trained = for_inference(head)
-        transfer = compose_transfer(backbone, trained)
-        models = {paths.models.head: trained, paths.models.transfer: transfer}
-        summary = save_training_outputs(models, history, reports, "VGG16 features + dense head")
-        mlflow.log_metrics(inputs.counts())
-        mlflow.log_artifacts(str(reports), artifact_path="reports")
+        log_training_data(inputs.train_images, inputs.validation_images, prefix="features/")
+        head, history = train_head(ctx.cfg.head, ctx.plan, ctx.strategy, inputs)
+        models = {paths.models.head: head, paths.models.transfer: compose_transfer(backbone, head)}
         # The end-to-end model is the one to register and serve: it takes raw images.
-        log_and_record_model(transfer, paths.models.transfer, "transfer", reports, summary)
+        served, title = paths.models.transfer, "VGG16 features + dense head"
+        summary = save_and_log(models, served, "transfer", history, ctx.reports, title)
     print(
         f"train_head: {summary['epochs_run']} epochs on {len(inputs.train_images)} feature "
         f"vectors, best epoch {summary['best_epoch']} with validation accuracy "
         f"{summary['val/accuracy']:.3f}; saved {paths.models.transfer}"
     )
+
+
+def train_head(
+    params: HeadConfig, plan: ComputePlan, strategy, inputs: HeadInputs
+) -> tuple[keras.Model, dict[str, list[float]]]:
+    """The trained head, for inference, and its history."""
+    with strategy.scope():
+        head = build_head(inputs.feature_length, params, plan.steps_per_execution)
+    history = fit(head, inputs.train, inputs.validation, params)
+    return for_inference(head), history
 
 
 @dataclass(frozen=True)
@@ -113,16 +113,12 @@ class HeadInputs:
     train_images: list[LabeledImage]
     validation_images: list[LabeledImage]
 
-    def counts(self) -> dict[str, int]:
-        return {
-            "data/train_images": len(self.train_images),
-            "data/validation_images": len(self.validation_images),
-        }
-
 
 def head_inputs(paths: PathsConfig, plan: ComputePlan, batch_size: int, seed: int) -> HeadInputs:
     """The stored features as datasets for `plan`; the arrays they were read into are let go
     on return, since the datasets hold their own copies."""
+    # Seeded first: the shuffle's order depends on the global seed too, not only on its own.
+    keras.utils.set_random_seed(seed)
     try:
         train_x, train_y, train_files = load_training_features(
             paths.features, paths.augmented_features

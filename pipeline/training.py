@@ -1,4 +1,5 @@
-"""What both training stages share: fitting with early stopping, and saving what came of it."""
+"""What the training stages share: the data they log, fitting with early stopping, and
+saving and logging what came of it."""
 
 from __future__ import annotations
 
@@ -20,6 +21,18 @@ from pipeline.history import (
     summarize_history,
     write_history,
 )
+from pipeline.images import LabeledImage
+
+
+def log_training_data(
+    train: Sequence[LabeledImage], validation: Sequence[LabeledImage], prefix: str = ""
+) -> None:
+    """The images a stage trains and validates on, as MLflow dataset inputs (`prefix` names
+    what was computed from them: `features/train`) and as counts, logged before training so
+    that a failed run shows them too."""
+    tracking.log_image_inputs(train, f"{prefix}train", "training")
+    tracking.log_image_inputs(validation, f"{prefix}validation", "validation")
+    mlflow.log_metrics({"data/train_images": len(train), "data/validation_images": len(validation)})
 
 
 class EpochMetricsCallback(keras.callbacks.Callback):
@@ -159,6 +172,21 @@ def save_training_outputs(
         write_history(history_csv, history)
         plots.training_history(history, title).savefig(history_png)
         write_json(metrics, summary)
+    return summary
+
+
+def save_and_log(
+    models: Mapping[Path, keras.Model],
+    served: Path,
+    name: str,
+    history: dict[str, list[float]],
+    reports: Path,
+    title: str,
+) -> dict[str, float | int]:
+    """`save_training_outputs`, then the model saved as `served` logged to MLflow under
+    `name` (`log_and_record_model`); the history's summary."""
+    summary = save_training_outputs(models, history, reports, title)
+    log_and_record_model(models[served], served, name, reports, summary)
     return summary
 
 

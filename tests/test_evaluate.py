@@ -14,6 +14,7 @@ from pipeline.evaluate import (
     classification_metrics,
     comparison_table,
     confident_mistakes,
+    report_paths,
     write_predictions,
     write_reports,
 )
@@ -82,10 +83,10 @@ def two_models_predictions(folder: Path) -> dict[str, tuple[list[str], np.ndarra
 def test_reports_hold_every_figure_and_table(tmp_path: Path) -> None:
     predictions = two_models_predictions(tmp_path)
     ids = {"mlflow_run_id": "abc"}
-    results, written = write_reports(predictions, 0.5, tmp_path / "reports", ids)
+    results = write_reports(predictions, 0.5, tmp_path / "reports", ids)
     assert set(results) == {"cnn", "transfer"}
     names = {p.name for p in (tmp_path / "reports").iterdir()}
-    assert names == {p.name for p in written}  # nothing else, no staging files left
+    assert names == set(report_paths(predictions, tmp_path))  # nothing else, no staging files
     metrics = json.loads((tmp_path / "reports/metrics.json").read_text())
     # Only the models' scores, by the names MLflow's parent run has them: cnn/test/accuracy.
     assert metrics == {
@@ -110,8 +111,8 @@ def test_reports_hold_every_figure_and_table(tmp_path: Path) -> None:
 def test_a_failure_part_way_leaves_the_previous_reports_whole(tmp_path: Path, monkeypatch) -> None:
     predictions = two_models_predictions(tmp_path)
     reports = tmp_path / "reports"
-    _, written = write_reports(predictions, 0.5, reports, {"mlflow_run_id": "first"})
-    before = {path.name: path.read_bytes() for path in written}
+    write_reports(predictions, 0.5, reports, {"mlflow_run_id": "first"})
+    before = {path.name: path.read_bytes() for path in reports.iterdir()}
 
     def fail(*_args):
         raise RuntimeError("the disk filled up")
@@ -121,6 +122,14 @@ def test_a_failure_part_way_leaves_the_previous_reports_whole(tmp_path: Path, mo
     with pytest.raises(RuntimeError, match="disk filled"):
         write_reports(flipped, 0.5, reports, {"mlflow_run_id": "second"})
     assert {path.name: path.read_bytes() for path in reports.iterdir()} == before
+
+
+def test_a_model_evaluated_before_but_not_now_leaves_no_reports_behind(tmp_path: Path) -> None:
+    predictions = two_models_predictions(tmp_path)
+    reports = tmp_path / "reports"
+    write_reports(predictions, 0.5, reports)
+    write_reports({"cnn": predictions["cnn"]}, 0.5, reports)  # fine-tuning turned off, say
+    assert {path.name for path in reports.iterdir()} == set(report_paths(["cnn"], reports))
 
 
 def test_test_metrics_of_a_model_the_store_does_not_know_are_a_warning(tmp_path, monkeypatch):
