@@ -154,8 +154,9 @@ def attach_test_metrics(
     `dataset`, the test split, so the model lists them apart from its validation metrics.
 
     Returns a warning for each model whose id this tracking store does not know: the ids come
-    from the training stages' mlflow.json, which git carries to clones whose store is
-    another (a new `mlflow.db`, a tracking server) until those stages run again there.
+    from the training stages' mlflow.json, which DVC restores (from its cache, the run-cache,
+    a remote) with the outputs that store's runs made, also where the store is another (a
+    new `mlflow.db`, a tracking server); the warning says how to log them there.
     """
     warnings = []
     for model, model_id in model_ids.items():
@@ -169,7 +170,8 @@ def attach_test_metrics(
             warnings.append(
                 f"evaluate: {model}'s test metrics are not on its MLflow model {model_id}, "
                 f"which {mlflow.get_tracking_uri()} does not hold ({error.error_code}); "
-                "they are on this stage's run and its parent"
+                "they are on this stage's run and its parent (`dvc exp run -f` trains and "
+                "logs every stage in this store)"
             )
     return warnings
 

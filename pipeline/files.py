@@ -29,8 +29,8 @@ from pipeline.process import has_ended, this_host
 DVC_TEMP_EXPERIMENTS = Path(".dvc") / "tmp" / "exps"
 
 
-# Beside a stage's metrics.json: its MLflow run and model ids. Ids, not metrics: a plain
-# DVC output, so that `dvc exp show` has no columns of ids.
+# Beside a stage's metrics.json, in its report folder: its MLflow run and model ids. Ids,
+# not metrics: not among dvc.yaml's metrics, so that `dvc exp show` has no columns of ids.
 MLFLOW_IDS_FILE = "mlflow.json"
 
 

@@ -35,7 +35,8 @@ def run(main: Callable[[], None]) -> None:
 
     A `PipelineError` ends it with its one line after the program's name (`split: ...`) and
     exit status 1, Ctrl-C with `name: interrupted` and 130, instead of a traceback; the
-    `with` blocks they pass through have already kept the previous outputs and closed the run.
+    `with` blocks they pass through have already dropped half-written outputs and closed
+    the run.
     """
     try:
         main()

@@ -314,7 +314,7 @@ def stage_run(
     `params` are flattened (`head.learning_rate`), the names `dvc exp show` uses too
     (`stage.declared_params` gives a stage's own). A tracking server that refuses or goes
     away raises a `TrackingError` naming it (`server_problem`); the outputs the stage was
-    staging are dropped and the previous ones stay.
+    staging are dropped (`pipeline.files`: what comes back, and how).
     """
     uri = tracking_uri()
     try:

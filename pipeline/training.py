@@ -200,7 +200,8 @@ def log_and_record_model(
     """Logs the model, saved as `saved`, to MLflow as a model that takes photos
     (`serving.log_photo_model`), and records its ids in `mlflow.json` beside the stage's
     metrics: `evaluate` reads `mlflow_model_id` there to attach test metrics to the logged
-    model, and git carries the file with each DVC experiment, the way from it to its runs.
+    model, and DVC keeps the file with the stage's outputs (cache, experiments, remote), the
+    way from them to their runs.
 
     The stage's run gets the best epoch and the epochs run (its curves carry the scores);
     the execution's parent the scores of the weights kept, under the model's name
